@@ -1,0 +1,177 @@
+//! `phi2`: the native command line — generate text, print logits, tokenize.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use phi2_web::weights::load_dir;
+use phi2_web::{block_on, BackendKind, Error, PhiTokenizer, Result, SamplingParams, Session};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "phi2",
+    version,
+    about = "Phi-2 on burn: generate, inspect logits, tokenize"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt, streaming the text.
+    Generate(GenerateArgs),
+    /// Print the logits of the last position as JSON.
+    Logits(LogitsArgs),
+    /// Print the token ids of a text as JSON.
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory: config.json, tokenizer.json, *.safetensors (HF layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Where to run: cpu or wgpu.
+    #[arg(long, default_value = "wgpu")]
+    backend: BackendKind,
+}
+
+#[derive(Args)]
+#[command(allow_negative_numbers = true)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed for sampling (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when the text reaches this string (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object {prompt_ids, generated_ids, text, stop_reason} instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    prompt: Option<String>,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// Model directory holding tokenizer.json.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    text: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Logits(args) => logits(args),
+        Command::Tokenize(args) => tokenize(args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<(phi2_web::Phi, PhiTokenizer)> {
+    let device = block_on(args.backend.device())?;
+    load_dir(&args.model, &device)
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed,
+        stop: args.stop,
+    };
+    params.validate()?;
+    let (model, tokenizer) = load(&args.model)?;
+    let prompt_ids = tokenizer.encode(&args.prompt)?;
+    let mut session = Session::new(&model, prompt_ids, params)?;
+    let mut stdout = std::io::stdout().lock();
+    while let Some(token) = block_on(session.next(&model, &tokenizer))? {
+        if !args.json {
+            write!(stdout, "{}", token.text)
+                .and_then(|()| stdout.flush())
+                .map_err(|e| Error::io("stdout", e))?;
+        }
+    }
+    let out = if args.json {
+        json!({
+            "prompt_ids": session.prompt_ids(),
+            "generated_ids": session.generated_ids(),
+            "text": session.text(),
+            "stop_reason": session.stop_reason().map(|r| r.as_str()),
+        })
+        .to_string()
+    } else {
+        String::new()
+    };
+    writeln!(stdout, "{out}").map_err(|e| Error::io("stdout", e))
+}
+
+fn logits(args: LogitsArgs) -> Result<()> {
+    let (model, tokenizer) = load(&args.model)?;
+    let ids = match (&args.ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(prompt)) => tokenizer.encode(prompt)?,
+        (None, None) => unreachable!("clap requires --prompt or --ids"),
+    };
+    let mut session = Session::new(&model, ids.clone(), SamplingParams::default())?;
+    let logits = block_on(session.logits(&model))?;
+    println!("{}", json!({ "ids": ids, "last_logits": logits }));
+    Ok(())
+}
+
+fn tokenize(args: TokenizeArgs) -> Result<()> {
+    let path = args.model.join("tokenizer.json");
+    let bytes = read(&path)?;
+    let tokenizer = PhiTokenizer::from_bytes(&bytes)?;
+    println!("{}", json!(tokenizer.encode(&args.text)?));
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path.display().to_string(), e))
+}

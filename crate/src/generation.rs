@@ -1,0 +1,487 @@
+//! Text generation as a step API shared by the CLI and the browser: the first step runs the
+//! prompt (prefill), every step returns one token. Greedy or seeded sampling with temperature,
+//! top-k, top-p and repetition penalty; stops at EOS, at stop strings, at `max_new_tokens` or
+//! when the context is full.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Phi};
+use crate::tokenizer::{PhiTokenizer, TextStream, END_OF_TEXT};
+
+/// Generation settings. The defaults are greedy decoding (reproducible, like transformers'
+/// `generate`), 256 new tokens, no penalty and no stop strings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct SamplingParams {
+    pub max_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// `None` keeps every token.
+    pub top_k: Option<usize>,
+    pub top_p: f32,
+    /// 1 means none; above 1 discourages tokens already present (prompt included).
+    pub repetition_penalty: f32,
+    pub seed: u64,
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_k: None,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::option(
+                "temperature",
+                format!(
+                    "{} must be a finite number ≥ 0 (0 = greedy)",
+                    self.temperature
+                ),
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::option(
+                "top_p",
+                format!("{} is outside (0, 1]", self.top_p),
+            ));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::option(
+                "top_k",
+                "0 would keep no token; leave it unset to keep all",
+            ));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(Error::option(
+                "repetition_penalty",
+                format!("{} must be a finite number > 0", self.repetition_penalty),
+            ));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(Error::option("stop", "stop strings must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopReason {
+    /// The model produced `<|endoftext|>`.
+    Eos,
+    /// The text reached one of the stop strings (which is not included in the output).
+    Stop,
+    /// `max_tokens` were generated or the context is full.
+    Length,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::Stop => "stop",
+            StopReason::Length => "length",
+        }
+    }
+}
+
+/// One generated token and the text it completes (empty while a character or a possible
+/// stop string is incomplete).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+}
+
+/// One generation: the prompt, the cache and everything produced so far.
+pub struct Session {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    cache: KvCache,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    stream: TextStream,
+    text: String,
+    emitted: usize,
+    finished: Option<StopReason>,
+}
+
+impl Session {
+    pub fn new(model: &Phi, prompt: Vec<u32>, params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let context = model.config().max_position_embeddings;
+        if prompt.is_empty() {
+            return Err(Error::option("prompt", "is empty: give at least one token"));
+        }
+        if prompt.len() > context {
+            return Err(Error::PromptTooLong {
+                prompt_tokens: prompt.len(),
+                context,
+            });
+        }
+        let vocab = model.config().vocab_size;
+        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::option(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        Ok(Session {
+            rng: ChaCha8Rng::seed_from_u64(params.seed),
+            params,
+            cache: model.new_cache(),
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            stream: TextStream::new(),
+            text: String::new(),
+            emitted: 0,
+            finished: None,
+        })
+    }
+
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+
+    pub fn generated_ids(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// The generated text (cut before a stop string).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.finished
+    }
+
+    /// Ends the generation early (the caller's stop button); later steps return `None`.
+    pub fn cancel(&mut self) {
+        self.finished.get_or_insert(StopReason::Stop);
+    }
+
+    /// Runs the model over what it has not seen and returns the next position's logits,
+    /// read back asynchronously (the only host↔device synchronisation of a step).
+    pub async fn logits(&mut self, model: &Phi) -> Result<Vec<f32>> {
+        let logits = model.forward(&self.tokens[self.cache.len()..], &mut self.cache);
+        let data = logits
+            .into_data_async()
+            .await
+            .map_err(|e| Error::Device(format!("reading logits failed: {e:?}")))?;
+        data.try_into_vec::<f32>()
+            .map_err(|e| Error::Device(format!("logits have an unexpected type: {e:?}")))
+    }
+
+    /// One step: returns the next token, or `None` once generation has finished.
+    pub async fn next(&mut self, model: &Phi, tokenizer: &PhiTokenizer) -> Result<Option<Token>> {
+        if self.finished.is_some() {
+            return Ok(None);
+        }
+        if self.generated_ids().len() >= self.params.max_tokens {
+            self.finished = Some(StopReason::Length);
+            return Ok(None);
+        }
+        let mut logits = self.logits(model).await?;
+        let id = sample(&mut logits, &self.tokens, &self.params, &mut self.rng)?;
+        self.tokens.push(id);
+        if id == END_OF_TEXT {
+            self.finished = Some(StopReason::Eos);
+            let text = self.flush(tokenizer)?;
+            return Ok(Some(Token { id, text }));
+        }
+        let piece = self.stream.push(tokenizer, id)?;
+        self.text.push_str(&piece);
+        if let Some(at) = find_stop(&self.text, &self.params.stop, self.emitted) {
+            self.text.truncate(at);
+            self.finished = Some(StopReason::Stop);
+        } else if self.generated_ids().len() >= self.params.max_tokens
+            || self.tokens.len() >= self.cache.capacity()
+        {
+            self.finished = Some(StopReason::Length);
+        }
+        let text = if self.finished.is_some() {
+            self.flush(tokenizer)?
+        } else {
+            let end = self.text.len() - held_back(&self.text, &self.params.stop);
+            let end = end.max(self.emitted);
+            let text = self.text[self.emitted..end].to_string();
+            self.emitted = end;
+            text
+        };
+        Ok(Some(Token { id, text }))
+    }
+
+    /// Everything not yet emitted, at the end of generation.
+    fn flush(&mut self, tokenizer: &PhiTokenizer) -> Result<String> {
+        if self.finished != Some(StopReason::Stop) {
+            let rest = self.stream.flush(tokenizer)?;
+            self.text.push_str(&rest);
+        }
+        let text = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        Ok(text)
+    }
+}
+
+/// Byte offset of the earliest stop string in `text` that ends after `emitted`.
+fn find_stop(text: &str, stops: &[String], emitted: usize) -> Option<usize> {
+    stops
+        .iter()
+        .filter_map(|stop| {
+            let from = emitted.saturating_sub(stop.len());
+            let from = (0..=from).rev().find(|&i| text.is_char_boundary(i))?;
+            text[from..].find(stop.as_str()).map(|at| from + at)
+        })
+        .min()
+}
+
+/// Length of the longest tail of `text` that could be the start of a stop string.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|stop| {
+            (1..stop.len())
+                .filter(|&k| stop.is_char_boundary(k) && text.ends_with(&stop[..k]))
+                .max()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Picks the next token from raw logits, in transformers' order: repetition penalty,
+/// temperature, top-k, top-p.
+pub fn sample(
+    logits: &mut [f32],
+    history: &[u32],
+    params: &SamplingParams,
+    rng: &mut impl Rng,
+) -> Result<u32> {
+    if let Some(bad) = logits.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Device(format!(
+            "the model produced a non-finite logit ({}) for token {bad}",
+            logits[bad]
+        )));
+    }
+    if params.repetition_penalty != 1.0 {
+        let mut seen = vec![false; logits.len()];
+        for &id in history {
+            let id = id as usize;
+            if id < logits.len() && !seen[id] {
+                seen[id] = true;
+                let v = logits[id];
+                logits[id] = if v < 0.0 {
+                    v * params.repetition_penalty
+                } else {
+                    v / params.repetition_penalty
+                };
+            }
+        }
+    }
+    if params.temperature == 0.0 {
+        // First maximum, like torch.argmax.
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        return Ok(best as u32);
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if let Some(k) = params.top_k {
+        order.truncate(k.min(order.len()));
+    }
+    let max = logits[order[0]] / params.temperature;
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] / params.temperature - max) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if params.top_p < 1.0 {
+        let mut cumulative = 0.0;
+        let keep = probs
+            .iter()
+            .position(|p| {
+                cumulative += p;
+                cumulative >= params.top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+        order.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut draw = rng.random::<f64>() * total;
+    for (&i, &p) in order.iter().zip(&probs) {
+        draw -= p;
+        if draw < 0.0 {
+            return Ok(i as u32);
+        }
+    }
+    Ok(*order.last().expect("at least one candidate") as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> SamplingParams {
+        SamplingParams::default()
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut logits = vec![0.1, 3.0, -1.0, 3.0];
+        assert_eq!(sample(&mut logits, &[], &params(), &mut rng).unwrap(), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_follows_transformers() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..params()
+        };
+        // Token 0 (4.0 → 2.0) loses to token 1 (3.0); a negative seen logit gets more negative.
+        let mut logits = vec![4.0, 3.0, -1.0];
+        assert_eq!(sample(&mut logits, &[0, 0, 2], &p, &mut rng).unwrap(), 1);
+        assert_eq!(logits, vec![2.0, 3.0, -2.0]);
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_candidates() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let top_k = SamplingParams {
+            temperature: 1.0,
+            top_k: Some(2),
+            ..params()
+        };
+        // softmax([1, 5, 4.9, 0, 2]) ≈ [.009, .505, .457, .003, .025]
+        let top_p_half = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..params()
+        };
+        let top_p_most = SamplingParams {
+            top_p: 0.9,
+            ..top_p_half.clone()
+        };
+        let logits = vec![1.0, 5.0, 4.9, 0.0, 2.0];
+        let mut drawn = [0usize; 5];
+        for _ in 0..200 {
+            let id = sample(&mut logits.clone(), &[], &top_k, &mut rng).unwrap();
+            assert!(id == 1 || id == 2, "top-k 2 drew {id}");
+            let id = sample(&mut logits.clone(), &[], &top_p_half, &mut rng).unwrap();
+            assert_eq!(id, 1, "top-p 0.5 keeps only the most likely token");
+            let id = sample(&mut logits.clone(), &[], &top_p_most, &mut rng).unwrap();
+            drawn[id as usize] += 1;
+        }
+        assert_eq!(
+            drawn[0] + drawn[3] + drawn[4],
+            0,
+            "top-p 0.9 drew {drawn:?}"
+        );
+        assert!(drawn[1] > 0 && drawn[2] > 0, "top-p 0.9 drew {drawn:?}");
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_follows_the_distribution() {
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            ..params()
+        };
+        let logits = vec![0.0, (3.0f32).ln()]; // probabilities 1/4 and 3/4
+        let draw = |seed| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            (0..4000)
+                .map(|_| sample(&mut logits.clone(), &[], &p, &mut rng).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(3), draw(3));
+        assert_ne!(draw(3), draw(4));
+        let ones = draw(3).iter().filter(|&&id| id == 1).count();
+        assert!(
+            (2800..3200).contains(&ones),
+            "{ones} of 4000 draws of p=0.75"
+        );
+    }
+
+    #[test]
+    fn non_finite_logits_are_an_error() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let err = sample(&mut [0.0, f32::NAN], &[], &params(), &mut rng).unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
+    }
+
+    #[test]
+    fn invalid_options_are_rejected_by_name() {
+        let bad = [
+            SamplingParams {
+                temperature: -1.0,
+                ..params()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..params()
+            },
+            SamplingParams {
+                top_p: 1.5,
+                ..params()
+            },
+            SamplingParams {
+                top_k: Some(0),
+                ..params()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..params()
+            },
+            SamplingParams {
+                stop: vec![String::new()],
+                ..params()
+            },
+        ];
+        let names = [
+            "temperature",
+            "top_p",
+            "top_p",
+            "top_k",
+            "repetition_penalty",
+            "stop",
+        ];
+        for (p, name) in bad.iter().zip(names) {
+            match p.validate() {
+                Err(Error::InvalidOption { option, .. }) => assert_eq!(option, name),
+                other => panic!("{p:?}: expected an error naming {name}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn stop_strings_are_found_and_their_prefixes_held_back() {
+        let stops = vec!["\nUser:".to_string(), "END".to_string()];
+        assert_eq!(find_stop("hello\nUser: hi", &stops, 0), Some(5));
+        assert_eq!(find_stop("hello", &stops, 0), None);
+        assert_eq!(held_back("hello\nUs", &stops), 3);
+        assert_eq!(held_back("hello E", &stops), 1);
+        assert_eq!(held_back("hello", &stops), 0);
+    }
+}

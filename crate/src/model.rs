@@ -1,0 +1,309 @@
+//! Phi (Phi-1/1.5/2) in burn: the same code runs on every backend (CPU, native wgpu, WebGPU).
+//!
+//! One decoder layer: `h = h + dense(attn(ln(h))) + fc2(gelu_tanh(fc1(ln(h))))` — attention and
+//! MLP in parallel on one shared LayerNorm. Rotary embedding on the first `rotary_dim` dims of each
+//! head, rotate-half style. Batch size is 1: hidden states are `[tokens, hidden]`.
+
+use burn::tensor::activation::{gelu_approximate, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::config::PhiConfig;
+use crate::weights::safetensors::Weights;
+use crate::weights::{LayerParam, Slot};
+
+/// Added to masked attention scores. Large and finite: WGSL does not promise IEEE infinities.
+const MASKED: f32 = -1.0e9;
+
+pub struct Linear {
+    /// `[in, out]`
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+}
+
+impl Linear {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        x.matmul(self.weight.clone()) + self.bias.clone().unsqueeze::<2>()
+    }
+}
+
+pub struct LayerNorm {
+    weight: Tensor<1>,
+    bias: Tensor<1>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let (var, mean) = x.clone().var_mean_bias(1);
+        let normed = (x - mean) / (var + self.eps).sqrt();
+        normed * self.weight.clone().unsqueeze::<2>() + self.bias.clone().unsqueeze::<2>()
+    }
+}
+
+struct DecoderLayer {
+    norm: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    dense: Linear,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// Rotary tables for every position, `[max_positions, rotary_dim]`, computed the way
+/// transformers does (f32 inverse frequencies and angles) so positions match bit for bit.
+struct Rotary {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    dim: usize,
+}
+
+impl Rotary {
+    fn new(config: &PhiConfig, device: &Device) -> Self {
+        let dim = config.rotary_dim();
+        let positions = config.max_position_embeddings;
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / (config.rope_theta as f32).powf(i as f32 / dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(positions * dim);
+        let mut sin = Vec::with_capacity(positions * dim);
+        for pos in 0..positions {
+            // emb = cat(freqs, freqs)
+            for _ in 0..2 {
+                for &f in &inv_freq {
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        Rotary {
+            cos: Tensor::from_data(TensorData::new(cos, [positions, dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [positions, dim]), device),
+            dim,
+        }
+    }
+
+    /// `x`: `[heads, tokens, head_dim]` for positions `start..start + tokens`.
+    fn apply(&self, x: Tensor<3>, start: usize) -> Tensor<3> {
+        let [_, tokens, head_dim] = x.dims();
+        let half = self.dim / 2;
+        let cos = self.cos.clone().narrow(0, start, tokens).unsqueeze::<3>();
+        let sin = self.sin.clone().narrow(0, start, tokens).unsqueeze::<3>();
+        let rot = x.clone().narrow(2, 0, self.dim);
+        let x1 = rot.clone().narrow(2, 0, half);
+        let x2 = rot.clone().narrow(2, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
+        let out = rot * cos + rotated * sin;
+        if self.dim == head_dim {
+            out
+        } else {
+            Tensor::cat(vec![out, x.narrow(2, self.dim, head_dim - self.dim)], 2)
+        }
+    }
+}
+
+/// Keys and values of every layer, preallocated for the whole context and written in place.
+pub struct KvCache {
+    keys: Vec<Option<Tensor<3>>>,
+    values: Vec<Option<Tensor<3>>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// Tokens already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets everything after the first `len` tokens (the memory is reused).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Writes this step's `[heads, tokens, head_dim]` keys/values at `start` and returns the
+    /// cache contents so far. The tensors are moved out and back so the write can be in place.
+    fn append(
+        &mut self,
+        layer: usize,
+        start: usize,
+        k: Tensor<3>,
+        v: Tensor<3>,
+    ) -> (Tensor<3>, Tensor<3>) {
+        let [heads, tokens, head_dim] = k.dims();
+        let end = start + tokens;
+        let write = |slot: &mut Option<Tensor<3>>, new: Tensor<3>| {
+            let cache = slot
+                .take()
+                .expect("cache slot is always filled between calls");
+            let cache = cache.slice_assign([0..heads, start..end, 0..head_dim], new);
+            let seen = cache.clone().narrow(1, 0, end);
+            *slot = Some(cache);
+            seen
+        };
+        let keys = write(&mut self.keys[layer], k);
+        let values = write(&mut self.values[layer], v);
+        (keys, values)
+    }
+}
+
+pub struct Phi {
+    config: PhiConfig,
+    device: Device,
+    embedding: Tensor<2>,
+    layers: Vec<DecoderLayer>,
+    final_norm: LayerNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+}
+
+impl Phi {
+    pub fn from_weights(mut weights: Weights, device: &Device) -> Self {
+        let config = weights.config.clone();
+        let eps = config.layer_norm_eps;
+        fn linear(w: &mut Weights, weight: Slot, bias: Slot) -> Linear {
+            Linear {
+                weight: w.take(weight),
+                bias: w.take(bias),
+            }
+        }
+        let layers = (0..config.num_hidden_layers)
+            .map(|n| {
+                let p = |param| Slot::Layer(n, param);
+                use LayerParam::*;
+                DecoderLayer {
+                    norm: LayerNorm {
+                        weight: weights.take(p(NormWeight)),
+                        bias: weights.take(p(NormBias)),
+                        eps,
+                    },
+                    q: linear(&mut weights, p(QWeight), p(QBias)),
+                    k: linear(&mut weights, p(KWeight), p(KBias)),
+                    v: linear(&mut weights, p(VWeight), p(VBias)),
+                    dense: linear(&mut weights, p(DenseWeight), p(DenseBias)),
+                    fc1: linear(&mut weights, p(Fc1Weight), p(Fc1Bias)),
+                    fc2: linear(&mut weights, p(Fc2Weight), p(Fc2Bias)),
+                }
+            })
+            .collect();
+        Phi {
+            embedding: weights.take(Slot::Embedding),
+            layers,
+            final_norm: LayerNorm {
+                weight: weights.take(Slot::FinalNormWeight),
+                bias: weights.take(Slot::FinalNormBias),
+                eps,
+            },
+            lm_head: linear(&mut weights, Slot::LmHeadWeight, Slot::LmHeadBias),
+            rotary: Rotary::new(&config, device),
+            config,
+            device: device.clone(),
+        }
+    }
+
+    pub fn config(&self) -> &PhiConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A cache for the whole context (`max_position_embeddings` tokens).
+    pub fn new_cache(&self) -> KvCache {
+        let heads = self.config.num_attention_heads;
+        let head_dim = self.config.head_dim();
+        let capacity = self.config.max_position_embeddings;
+        let empty = || {
+            Some(Tensor::<3>::zeros(
+                [heads, capacity, head_dim],
+                &self.device,
+            ))
+        };
+        let layers = self.config.num_hidden_layers;
+        KvCache {
+            keys: (0..layers).map(|_| empty()).collect(),
+            values: (0..layers).map(|_| empty()).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Runs `tokens` after what the cache holds and returns the logits of the last one,
+    /// `[1, vocab_size]`. Callers check that the tokens fit in the cache.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Tensor<2> {
+        assert!(
+            !tokens.is_empty() && cache.len + tokens.len() <= cache.capacity,
+            "forward: {} tokens after {} do not fit a cache of {}",
+            tokens.len(),
+            cache.len,
+            cache.capacity
+        );
+        let start = cache.len;
+        let count = tokens.len();
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [count]), &self.device);
+        let mut hidden = self.embedding.clone().select(0, ids);
+        let mask = (count > 1).then(|| self.causal_mask(start, count));
+        for (index, layer) in self.layers.iter().enumerate() {
+            let x = layer.norm.forward(hidden.clone());
+            let attention = self.attention(layer, x.clone(), start, index, cache, mask.clone());
+            let mlp = layer.fc2.forward(gelu_approximate(layer.fc1.forward(x)));
+            hidden = hidden + attention + mlp;
+        }
+        cache.len = start + count;
+        let last = hidden.narrow(0, count - 1, 1);
+        self.lm_head.forward(self.final_norm.forward(last))
+    }
+
+    /// `[1, tokens, start + tokens]`: 0 where a token may attend, `MASKED` after it.
+    fn causal_mask(&self, start: usize, count: usize) -> Tensor<3> {
+        let total = start + count;
+        let values: Vec<f32> = (0..count)
+            .flat_map(|i| (0..total).map(move |j| if j > start + i { MASKED } else { 0.0 }))
+            .collect();
+        Tensor::from_data(TensorData::new(values, [1, count, total]), &self.device)
+    }
+
+    fn attention(
+        &self,
+        layer: &DecoderLayer,
+        x: Tensor<2>,
+        start: usize,
+        index: usize,
+        cache: &mut KvCache,
+        mask: Option<Tensor<3>>,
+    ) -> Tensor<2> {
+        let [count, hidden] = x.dims();
+        let heads = self.config.num_attention_heads;
+        let head_dim = self.config.head_dim();
+        let split_heads = |t: Tensor<2>| t.reshape([count, heads, head_dim]).swap_dims(0, 1); // [heads, count, head_dim]
+        let q = self
+            .rotary
+            .apply(split_heads(layer.q.forward(x.clone())), start);
+        let k = self
+            .rotary
+            .apply(split_heads(layer.k.forward(x.clone())), start);
+        let v = split_heads(layer.v.forward(x));
+        let (keys, values) = cache.append(index, start, k, v);
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let mut scores = q.matmul(keys.swap_dims(1, 2)) * scale; // [heads, count, total]
+        if let Some(mask) = mask {
+            scores = scores + mask;
+        }
+        let probs = softmax(scores, 2);
+        let out = probs.matmul(values); // [heads, count, head_dim]
+        let merged = out.swap_dims(0, 1).reshape([count, hidden]);
+        layer.dense.forward(merged)
+    }
+}

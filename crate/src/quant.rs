@@ -1,0 +1,192 @@
+//! 4-bit block quantization, the layout the GPU kernels read.
+//!
+//! A matrix `[rows, cols]` (checkpoint layout: one row per output feature) is cut into blocks of
+//! 32 consecutive values along each row; a row is padded with zeros to a whole number of blocks.
+//! Each block has one f16 scale `d`; a value is `d * (q - 8)` with `q` a 4-bit code — the same
+//! formula as ggml's Q4_0, so Q4_0 files carry over losslessly. Codes are packed eight to a
+//! little-endian u32, value `j` of a row in bits `4 * (j % 8)` of word `j / 8`. Scales are f16
+//! stored two to a u32 (low half first) so shaders without `shader-f16` can unpack them.
+//! Storage: 4 bits + 16/32 bits = 4.5 bits per weight.
+
+use half::f16;
+
+pub const BLOCK: usize = 32;
+
+/// A 4-bit matrix in GPU layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q4Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows * padded_cols / 8` words.
+    pub codes: Vec<u32>,
+    /// `rows * padded_cols / 32` scales.
+    pub scales: Vec<f16>,
+}
+
+pub fn padded_cols(cols: usize) -> usize {
+    cols.div_ceil(BLOCK) * BLOCK
+}
+
+impl Q4Matrix {
+    pub fn blocks_per_row(&self) -> usize {
+        padded_cols(self.cols) / BLOCK
+    }
+
+    /// Quantizes a row-major `[rows, cols]` matrix: per block, the value of largest magnitude
+    /// maps to code 0 (`d = max / -8`), as ggml does.
+    pub fn quantize(values: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            values.len(),
+            rows * cols,
+            "quantize: {rows}x{cols} needs {} values",
+            rows * cols
+        );
+        let padded = padded_cols(cols);
+        let mut codes = vec![0u32; rows * padded / 8];
+        let mut scales = Vec::with_capacity(rows * padded / BLOCK);
+        let mut block = [0.0f32; BLOCK];
+        for r in 0..rows {
+            let row = &values[r * cols..(r + 1) * cols];
+            for b in 0..padded / BLOCK {
+                block.fill(0.0);
+                let start = b * BLOCK;
+                let end = (start + BLOCK).min(cols);
+                block[..end - start].copy_from_slice(&row[start..end]);
+                let max = block
+                    .iter()
+                    .copied()
+                    .fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+                let d = f16::from_f32(max / -8.0);
+                scales.push(d);
+                let inv = if d.to_f32() == 0.0 {
+                    0.0
+                } else {
+                    1.0 / d.to_f32()
+                };
+                for (j, &v) in block.iter().enumerate() {
+                    let q = ((v * inv + 8.5) as i32).clamp(0, 15) as u32;
+                    let index = r * padded + start + j;
+                    codes[index / 8] |= q << (4 * (index % 8));
+                }
+            }
+        }
+        Q4Matrix {
+            rows,
+            cols,
+            codes,
+            scales,
+        }
+    }
+
+    /// The 4-bit code of element `(row, col)`.
+    pub fn code(&self, row: usize, col: usize) -> u32 {
+        let index = row * padded_cols(self.cols) + col;
+        (self.codes[index / 8] >> (4 * (index % 8))) & 0xF
+    }
+
+    pub fn scale(&self, row: usize, col: usize) -> f32 {
+        self.scales[row * self.blocks_per_row() + col / BLOCK].to_f32()
+    }
+
+    pub fn value(&self, row: usize, col: usize) -> f32 {
+        self.scale(row, col) * (self.code(row, col) as f32 - 8.0)
+    }
+
+    /// Dequantizes one row (the embedding lookup needs single rows only).
+    pub fn dequantize_row(&self, row: usize) -> Vec<f32> {
+        (0..self.cols).map(|c| self.value(row, c)).collect()
+    }
+
+    /// Row-major `[rows, cols]` values; for tests and reference computations.
+    pub fn dequantize(&self) -> Vec<f32> {
+        (0..self.rows)
+            .flat_map(|r| self.dequantize_row(r))
+            .collect()
+    }
+
+    /// Scales as u32 words, two f16 each (low half first), padded with a zero half.
+    pub fn scale_words(&self) -> Vec<u32> {
+        self.scales
+            .chunks(2)
+            .map(|pair| {
+                let low = pair[0].to_bits() as u32;
+                let high = pair.get(1).map_or(0, |h| h.to_bits() as u32);
+                low | (high << 16)
+            })
+            .collect()
+    }
+
+    /// `y = x · Wᵀ` for `x: [n, cols]` on the CPU, accumulating per block like the kernels.
+    pub fn matmul_reference(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; n * self.rows];
+        for i in 0..n {
+            let xi = &x[i * self.cols..(i + 1) * self.cols];
+            for r in 0..self.rows {
+                y[i * self.rows + r] = (0..self.cols).map(|c| xi[c] * self.value(r, c)).sum();
+            }
+        }
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(747796405).wrapping_add(2891336453);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_error_is_at_most_half_a_step() {
+        for (rows, cols) in [(3, 32), (5, 70), (17, 96), (1, 1)] {
+            let values = pseudo_random(rows * cols, (rows * cols) as u32);
+            let q = Q4Matrix::quantize(&values, rows, cols);
+            assert_eq!(q.codes.len(), rows * padded_cols(cols) / 8);
+            assert_eq!(q.scales.len(), rows * padded_cols(cols) / BLOCK);
+            for r in 0..rows {
+                for c in 0..cols {
+                    let step = q.scale(r, c).abs();
+                    let err = (values[r * cols + c] - q.value(r, c)).abs();
+                    // Half a step, plus the f16 rounding of the scale over at most 8 steps. The
+                    // range is -8..7 steps (ggml's), so a value opposite the block's largest one
+                    // and as large is clamped to code 15: up to one step there.
+                    let steps = if q.code(r, c) == 15 { 1.0 } else { 0.5 };
+                    let bound = step * steps + step * 8.0 * 1e-3 + 1e-7;
+                    assert!(err <= bound, "({r},{c}): {err} vs step {step}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn largest_magnitude_is_exact_and_padding_is_zero() {
+        let mut values = vec![0.25f32; 40];
+        values[3] = -2.0;
+        let q = Q4Matrix::quantize(&values, 1, 40);
+        assert_eq!(q.value(0, 3), -2.0);
+        assert_eq!(q.code(0, 3), 0);
+        // the padded tail of the second block holds code 8, i.e. zero
+        assert_eq!(q.codes[q.codes.len() - 1] >> 28, 8);
+        let all_zero = Q4Matrix::quantize(&[0.0; 32], 1, 32);
+        assert!(all_zero.dequantize().iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn scale_words_pack_two_halves() {
+        let q = Q4Matrix::quantize(&pseudo_random(3 * 32, 9), 3, 32);
+        let words = q.scale_words();
+        assert_eq!(words.len(), 2);
+        assert_eq!(words[0] & 0xFFFF, q.scales[0].to_bits() as u32);
+        assert_eq!(words[0] >> 16, q.scales[1].to_bits() as u32);
+        assert_eq!(words[1] >> 16, 0);
+    }
+}

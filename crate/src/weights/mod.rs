@@ -1,0 +1,90 @@
+//! Getting weights into the model: checkpoint name mapping, format readers, and loading a
+//! Hugging Face model directory from any file source (local directory, HTTP).
+
+pub mod names;
+pub mod safetensors;
+
+pub use names::{LayerParam, Slot};
+pub use safetensors::{shard_files, HostTensor, WeightAssembler, Weights};
+
+use burn::tensor::Device;
+
+use crate::config::PhiConfig;
+use crate::error::{Error, Result};
+use crate::model::Phi;
+use crate::tokenizer::PhiTokenizer;
+
+/// Where a model's files come from. `read` returns `None` for a file that does not exist.
+#[allow(async_fn_in_trait)] // used only with concrete sources, never as `dyn`
+pub trait FileSource {
+    async fn read(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// The file's full path or URL, for messages.
+    fn locate(&self, name: &str) -> String;
+}
+
+async fn read_required<S: FileSource>(source: &S, name: &str) -> Result<Vec<u8>> {
+    source
+        .read(name)
+        .await?
+        .ok_or_else(|| Error::io(source.locate(name), "not found"))
+}
+
+fn utf8<'a>(bytes: &'a [u8], source: &impl FileSource, name: &str) -> Result<&'a str> {
+    std::str::from_utf8(bytes)
+        .map_err(|e| Error::format(source.locate(name), format!("not UTF-8: {e}")))
+}
+
+/// Loads an HF-layout model: `config.json`, `tokenizer.json`, and `model.safetensors` or
+/// `model.safetensors.index.json` with its shards. Shards are read and uploaded one at a time.
+pub async fn load_hf<S: FileSource>(source: &S, device: &Device) -> Result<(Phi, PhiTokenizer)> {
+    let config_bytes = read_required(source, "config.json").await?;
+    let config = PhiConfig::from_json_str(utf8(&config_bytes, source, "config.json")?).map_err(
+        |e| match e {
+            Error::Format { message, .. } => Error::format(source.locate("config.json"), message),
+            other => other,
+        },
+    )?;
+    let tokenizer_bytes = read_required(source, "tokenizer.json").await?;
+    let tokenizer = PhiTokenizer::from_bytes(&tokenizer_bytes)?;
+
+    let shards = match source.read("model.safetensors.index.json").await? {
+        Some(index) => shard_files(utf8(&index, source, "model.safetensors.index.json")?)?,
+        None => vec!["model.safetensors".to_string()],
+    };
+    let mut assembler = WeightAssembler::new(config, device.clone());
+    for shard in &shards {
+        let bytes = read_required(source, shard).await?;
+        assembler.add_safetensors(&bytes, &source.locate(shard))?;
+    }
+    let weights = assembler.finish()?;
+    Ok((Phi::from_weights(weights, device), tokenizer))
+}
+
+/// A model directory on the local disk.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct DirSource(pub std::path::PathBuf);
+
+#[cfg(not(target_arch = "wasm32"))]
+impl FileSource for DirSource {
+    async fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.0.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path.display().to_string(), e)),
+        }
+    }
+
+    fn locate(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+/// Loads a model directory from disk (native only).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_dir(dir: &std::path::Path, device: &Device) -> Result<(Phi, PhiTokenizer)> {
+    if !dir.is_dir() {
+        return Err(Error::io(dir.display().to_string(), "is not a directory"));
+    }
+    crate::block_on(load_hf(&DirSource(dir.to_path_buf()), device))
+}

@@ -1,0 +1,254 @@
+//! Which checkpoint tensor feeds which model parameter, for both Phi-2 naming schemes:
+//! today's transformers names (`model.layers.N.self_attn.q_proj.weight`, ...) and the older
+//! uploads (`transformer.h.N.mixer.Wqkv.weight`, q, k and v stacked along the output rows).
+
+use crate::config::PhiConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LayerParam {
+    NormWeight,
+    NormBias,
+    QWeight,
+    QBias,
+    KWeight,
+    KBias,
+    VWeight,
+    VBias,
+    DenseWeight,
+    DenseBias,
+    Fc1Weight,
+    Fc1Bias,
+    Fc2Weight,
+    Fc2Bias,
+}
+
+/// One model parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    Embedding,
+    Layer(usize, LayerParam),
+    FinalNormWeight,
+    FinalNormBias,
+    LmHeadWeight,
+    LmHeadBias,
+}
+
+impl LayerParam {
+    pub const ALL: [LayerParam; 14] = [
+        LayerParam::NormWeight,
+        LayerParam::NormBias,
+        LayerParam::QWeight,
+        LayerParam::QBias,
+        LayerParam::KWeight,
+        LayerParam::KBias,
+        LayerParam::VWeight,
+        LayerParam::VBias,
+        LayerParam::DenseWeight,
+        LayerParam::DenseBias,
+        LayerParam::Fc1Weight,
+        LayerParam::Fc1Bias,
+        LayerParam::Fc2Weight,
+        LayerParam::Fc2Bias,
+    ];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            LayerParam::NormWeight => "input_layernorm.weight",
+            LayerParam::NormBias => "input_layernorm.bias",
+            LayerParam::QWeight => "self_attn.q_proj.weight",
+            LayerParam::QBias => "self_attn.q_proj.bias",
+            LayerParam::KWeight => "self_attn.k_proj.weight",
+            LayerParam::KBias => "self_attn.k_proj.bias",
+            LayerParam::VWeight => "self_attn.v_proj.weight",
+            LayerParam::VBias => "self_attn.v_proj.bias",
+            LayerParam::DenseWeight => "self_attn.dense.weight",
+            LayerParam::DenseBias => "self_attn.dense.bias",
+            LayerParam::Fc1Weight => "mlp.fc1.weight",
+            LayerParam::Fc1Bias => "mlp.fc1.bias",
+            LayerParam::Fc2Weight => "mlp.fc2.weight",
+            LayerParam::Fc2Bias => "mlp.fc2.bias",
+        }
+    }
+
+    /// Linear weights are stored `[out, in]` in checkpoints.
+    pub fn is_linear_weight(self) -> bool {
+        matches!(
+            self,
+            LayerParam::QWeight
+                | LayerParam::KWeight
+                | LayerParam::VWeight
+                | LayerParam::DenseWeight
+                | LayerParam::Fc1Weight
+                | LayerParam::Fc2Weight
+        )
+    }
+}
+
+impl Slot {
+    /// Every parameter a model of this config needs.
+    pub fn all(config: &PhiConfig) -> Vec<Slot> {
+        let mut slots = vec![Slot::Embedding];
+        for layer in 0..config.num_hidden_layers {
+            slots.extend(LayerParam::ALL.iter().map(|&p| Slot::Layer(layer, p)));
+        }
+        slots.extend([
+            Slot::FinalNormWeight,
+            Slot::FinalNormBias,
+            Slot::LmHeadWeight,
+            Slot::LmHeadBias,
+        ]);
+        slots
+    }
+
+    /// The shape as checkpoints store it (linear weights `[out, in]`).
+    pub fn shape(self, config: &PhiConfig) -> Vec<usize> {
+        let (h, i, v) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        match self {
+            Slot::Embedding => vec![v, h],
+            Slot::LmHeadWeight => vec![v, h],
+            Slot::LmHeadBias => vec![v],
+            Slot::FinalNormWeight | Slot::FinalNormBias => vec![h],
+            Slot::Layer(_, p) => match p {
+                LayerParam::Fc1Weight => vec![i, h],
+                LayerParam::Fc1Bias => vec![i],
+                LayerParam::Fc2Weight => vec![h, i],
+                LayerParam::QWeight
+                | LayerParam::KWeight
+                | LayerParam::VWeight
+                | LayerParam::DenseWeight => vec![h, h],
+                _ => vec![h],
+            },
+        }
+    }
+
+    pub fn is_linear_weight(self) -> bool {
+        match self {
+            Slot::LmHeadWeight => true,
+            Slot::Layer(_, p) => p.is_linear_weight(),
+            _ => false,
+        }
+    }
+
+    /// The transformers name, used in messages.
+    pub fn hf_name(self) -> String {
+        match self {
+            Slot::Embedding => "model.embed_tokens.weight".into(),
+            Slot::Layer(n, p) => format!("model.layers.{n}.{}", p.suffix()),
+            Slot::FinalNormWeight => "model.final_layernorm.weight".into(),
+            Slot::FinalNormBias => "model.final_layernorm.bias".into(),
+            Slot::LmHeadWeight => "lm_head.weight".into(),
+            Slot::LmHeadBias => "lm_head.bias".into(),
+        }
+    }
+}
+
+/// Where a checkpoint tensor goes. A fused QKV tensor feeds three slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    One(Slot),
+    /// Rows `[0, h)`, `[h, 2h)`, `[2h, 3h)` of a stacked q/k/v weight or bias.
+    FusedQkv {
+        layer: usize,
+        bias: bool,
+    },
+    /// Buffers some checkpoints carry that the model recomputes (rotary inverse frequencies).
+    Ignored,
+}
+
+/// Maps a checkpoint name to its target; `None` for a name that is not part of a Phi model.
+pub fn target(name: &str, config: &PhiConfig) -> Option<Target> {
+    if name.ends_with("rotary_emb.inv_freq") {
+        return Some(Target::Ignored);
+    }
+    let slot = match name {
+        "model.embed_tokens.weight" | "transformer.embd.wte.weight" => Slot::Embedding,
+        "model.final_layernorm.weight" | "lm_head.ln.weight" => Slot::FinalNormWeight,
+        "model.final_layernorm.bias" | "lm_head.ln.bias" => Slot::FinalNormBias,
+        "lm_head.weight" | "lm_head.linear.weight" => Slot::LmHeadWeight,
+        "lm_head.bias" | "lm_head.linear.bias" => Slot::LmHeadBias,
+        _ => return layer_target(name, config),
+    };
+    Some(Target::One(slot))
+}
+
+fn layer_target(name: &str, config: &PhiConfig) -> Option<Target> {
+    let (rest, old_scheme) = if let Some(rest) = name.strip_prefix("model.layers.") {
+        (rest, false)
+    } else {
+        (name.strip_prefix("transformer.h.")?, true)
+    };
+    let (index, suffix) = rest.split_once('.')?;
+    let layer: usize = index.parse().ok()?;
+    if layer >= config.num_hidden_layers {
+        return None;
+    }
+    if !old_scheme {
+        let param = LayerParam::ALL.into_iter().find(|p| p.suffix() == suffix)?;
+        return Some(Target::One(Slot::Layer(layer, param)));
+    }
+    let param = match suffix {
+        "ln.weight" => LayerParam::NormWeight,
+        "ln.bias" => LayerParam::NormBias,
+        "mixer.Wqkv.weight" => return Some(Target::FusedQkv { layer, bias: false }),
+        "mixer.Wqkv.bias" => return Some(Target::FusedQkv { layer, bias: true }),
+        "mixer.out_proj.weight" => LayerParam::DenseWeight,
+        "mixer.out_proj.bias" => LayerParam::DenseBias,
+        "mlp.fc1.weight" => LayerParam::Fc1Weight,
+        "mlp.fc1.bias" => LayerParam::Fc1Bias,
+        "mlp.fc2.weight" => LayerParam::Fc2Weight,
+        "mlp.fc2.bias" => LayerParam::Fc2Bias,
+        _ => return None,
+    };
+    Some(Target::One(Slot::Layer(layer, param)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_both_naming_schemes() {
+        let config = PhiConfig::phi2();
+        assert_eq!(
+            target("model.layers.3.self_attn.dense.bias", &config),
+            Some(Target::One(Slot::Layer(3, LayerParam::DenseBias)))
+        );
+        assert_eq!(
+            target("transformer.h.3.mixer.out_proj.bias", &config),
+            Some(Target::One(Slot::Layer(3, LayerParam::DenseBias)))
+        );
+        assert_eq!(
+            target("transformer.h.0.mixer.Wqkv.weight", &config),
+            Some(Target::FusedQkv {
+                layer: 0,
+                bias: false
+            })
+        );
+        assert_eq!(
+            target("lm_head.ln.weight", &config),
+            Some(Target::One(Slot::FinalNormWeight))
+        );
+        assert_eq!(target("model.layers.32.mlp.fc1.weight", &config), None);
+        assert_eq!(target("model.layers.x.mlp.fc1.weight", &config), None);
+        assert_eq!(target("something.else", &config), None);
+    }
+
+    #[test]
+    fn every_slot_round_trips_through_its_hf_name() {
+        let config = PhiConfig::phi2();
+        let slots = Slot::all(&config);
+        assert_eq!(slots.len(), 1 + 32 * 14 + 4);
+        let params: usize = slots
+            .iter()
+            .map(|s| s.shape(&config).iter().product::<usize>())
+            .sum();
+        assert_eq!(params, 2_779_683_840);
+        for slot in slots {
+            assert_eq!(target(&slot.hf_name(), &config), Some(Target::One(slot)));
+        }
+    }
+}

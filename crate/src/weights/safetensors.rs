@@ -1,0 +1,235 @@
+//! Hugging Face safetensors checkpoints (single file or sharded), f32/f16/bf16.
+//!
+//! Shards are handed over one at a time; each tensor is converted, checked and uploaded to
+//! the device as soon as it is read, so host memory never holds more than one shard.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use super::names::{target, LayerParam, Slot, Target};
+use crate::config::PhiConfig;
+use crate::error::{Error, Result};
+
+/// A tensor in host memory, in the layout the model uses (linear weights `[in, out]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Collects the model's parameters on the device, shard by shard.
+pub struct WeightAssembler {
+    config: PhiConfig,
+    device: Device,
+    uploaded: BTreeMap<Slot, Tensor<1>>,
+}
+
+impl WeightAssembler {
+    pub fn new(config: PhiConfig, device: Device) -> Self {
+        WeightAssembler {
+            config,
+            device,
+            uploaded: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &PhiConfig {
+        &self.config
+    }
+
+    /// Reads one safetensors file; `file` names it in errors.
+    pub fn add_safetensors(&mut self, bytes: &[u8], file: &str) -> Result<()> {
+        let tensors = SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::format(file, format!("not a valid safetensors file: {e}")))?;
+        let mut names = tensors.names();
+        names.sort();
+        for name in names {
+            let view = tensors
+                .tensor(name)
+                .map_err(|e| Error::format(file, format!("tensor `{name}`: {e}")))?;
+            match target(name, &self.config) {
+                None => {
+                    return Err(Error::UnexpectedTensor {
+                        name: name.to_string(),
+                        file: file.to_string(),
+                    })
+                }
+                Some(Target::Ignored) => {}
+                Some(Target::One(slot)) => {
+                    let expected = slot.shape(&self.config);
+                    check_shape(name, view.shape(), &expected, file)?;
+                    let values = to_f32(name, view.dtype(), view.data(), file)?;
+                    self.insert(slot, host_layout(slot, expected, values), file)?;
+                }
+                Some(Target::FusedQkv { layer, bias }) => {
+                    let h = self.config.hidden_size;
+                    let expected = if bias { vec![3 * h] } else { vec![3 * h, h] };
+                    check_shape(name, view.shape(), &expected, file)?;
+                    let values = to_f32(name, view.dtype(), view.data(), file)?;
+                    let part_len = values.len() / 3;
+                    let params = if bias {
+                        [LayerParam::QBias, LayerParam::KBias, LayerParam::VBias]
+                    } else {
+                        [
+                            LayerParam::QWeight,
+                            LayerParam::KWeight,
+                            LayerParam::VWeight,
+                        ]
+                    };
+                    for (part, param) in values.chunks_exact(part_len).zip(params) {
+                        let slot = Slot::Layer(layer, param);
+                        let shape = slot.shape(&self.config);
+                        self.insert(slot, host_layout(slot, shape, part.to_vec()), file)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads one parameter. Used by every weight format.
+    pub fn insert(&mut self, slot: Slot, tensor: HostTensor, file: &str) -> Result<()> {
+        if self.uploaded.contains_key(&slot) {
+            return Err(Error::format(
+                file,
+                format!(
+                    "tensor `{}` appears twice in the checkpoint",
+                    slot.hf_name()
+                ),
+            ));
+        }
+        let len = tensor.data.len();
+        let on_device = Tensor::<1>::from_data(TensorData::new(tensor.data, [len]), &self.device);
+        self.uploaded.insert(slot, on_device);
+        Ok(())
+    }
+
+    /// Checks that every parameter arrived and hands them over.
+    pub fn finish(self) -> Result<Weights> {
+        let missing = Slot::all(&self.config)
+            .into_iter()
+            .find(|slot| !self.uploaded.contains_key(slot));
+        if let Some(slot) = missing {
+            return Err(Error::MissingTensor {
+                name: slot.hf_name(),
+            });
+        }
+        Ok(Weights {
+            config: self.config,
+            tensors: self.uploaded,
+        })
+    }
+}
+
+/// All parameters on the device, flat; the model reshapes them as it takes them.
+pub struct Weights {
+    pub config: PhiConfig,
+    tensors: BTreeMap<Slot, Tensor<1>>,
+}
+
+impl Weights {
+    /// Takes a parameter in model layout (linear weights `[in, out]`).
+    pub fn take<const D: usize>(&mut self, slot: Slot) -> Tensor<D> {
+        let mut shape = slot.shape(&self.config);
+        if slot.is_linear_weight() {
+            shape.reverse();
+        }
+        let flat = self
+            .tensors
+            .remove(&slot)
+            .expect("WeightAssembler::finish checked every slot");
+        let dims: [usize; D] = shape.try_into().expect("slot rank matches the caller");
+        flat.reshape(dims)
+    }
+}
+
+fn check_shape(name: &str, found: &[usize], expected: &[usize], file: &str) -> Result<()> {
+    if found != expected {
+        return Err(Error::TensorShape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+            file: file.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Puts checkpoint values into model layout: linear weights go from `[out, in]` to `[in, out]`
+/// so the forward pass is a plain `x · W`.
+fn host_layout(slot: Slot, checkpoint_shape: Vec<usize>, values: Vec<f32>) -> HostTensor {
+    if !slot.is_linear_weight() {
+        return HostTensor {
+            shape: checkpoint_shape,
+            data: values,
+        };
+    }
+    let (rows, cols) = (checkpoint_shape[0], checkpoint_shape[1]);
+    let mut transposed = vec![0.0f32; values.len()];
+    for (r, row) in values.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            transposed[c * rows + r] = v;
+        }
+    }
+    HostTensor {
+        shape: vec![cols, rows],
+        data: transposed,
+    }
+}
+
+fn to_f32(name: &str, dtype: Dtype, bytes: &[u8], file: &str) -> Result<Vec<f32>> {
+    let values = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(Error::format(
+                file,
+                format!(
+                    "tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 are supported"
+                ),
+            ))
+        }
+    };
+    Ok(values)
+}
+
+/// The shard files a `model.safetensors.index.json` lists, each once, in name order.
+pub fn shard_files(index_json: &str) -> Result<Vec<String>> {
+    const FILE: &str = "model.safetensors.index.json";
+    let value: Value = serde_json::from_str(index_json)
+        .map_err(|e| Error::format(FILE, format!("not valid JSON: {e}")))?;
+    let map = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::format(FILE, "field `weight_map` is missing or not an object"))?;
+    let mut files = BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            Error::format(FILE, format!("weight_map[`{tensor}`] is not a file name"))
+        })?;
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(Error::format(
+                FILE,
+                format!("weight_map[`{tensor}`] = `{file}` is not a plain file name"),
+            ));
+        }
+        files.insert(file.to_string());
+    }
+    if files.is_empty() {
+        return Err(Error::format(FILE, "weight_map lists no files"));
+    }
+    Ok(files.into_iter().collect())
+}

@@ -1,0 +1,214 @@
+//! The `phi2` command line: outputs against the transformers references, and bad input giving
+//! a message and a non-zero exit rather than a panic.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{fixture, max_abs_diff, reference};
+use serde_json::Value;
+
+fn phi2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_phi2"))
+        .args(args)
+        .output()
+        .expect("run phi2")
+}
+
+fn json_stdout(args: &[&str]) -> Value {
+    let out = phi2(args);
+    assert!(
+        out.status.success(),
+        "phi2 {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let out = phi2(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "phi2 {args:?}: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "phi2 {args:?} panicked: {stderr}"
+    );
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "phi2 {args:?}: `{needle}` not in {stderr}"
+        );
+    }
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn generate_json_matches_transformers_greedy() {
+    let model = fixture("phi-tok");
+    let model = model.to_str().unwrap();
+    for case in reference("phi-tok").cases {
+        let prompt = case.prompt.expect("phi-tok cases have prompts");
+        let max = case.greedy_ids.len().to_string();
+        let out = json_stdout(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            &prompt,
+            "--max-tokens",
+            &max,
+            "--temperature",
+            "0",
+            "--backend",
+            "cpu",
+            "--json",
+        ]);
+        assert_eq!(ids(&out["prompt_ids"]), case.ids);
+        assert_eq!(ids(&out["generated_ids"]), case.greedy_ids);
+        assert_eq!(out["stop_reason"], "length");
+        assert!(out["text"].is_string());
+    }
+}
+
+#[test]
+fn logits_by_ids_match_transformers() {
+    let case = &reference("phi-80").cases[0];
+    let ids_arg: Vec<String> = case.ids.iter().map(u32::to_string).collect();
+    let model = fixture("phi-80");
+    let out = json_stdout(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        &ids_arg.join(","),
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(ids(&out["ids"]), case.ids);
+    let logits: Vec<f32> = out["last_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert!(max_abs_diff(&logits, &case.last_logits) <= 1e-4);
+}
+
+#[test]
+fn tokenize_prints_ids() {
+    let model = fixture("phi-tok");
+    let out = json_stdout(&[
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "a  b",
+    ]);
+    assert_eq!(ids(&out), vec![64, 50286, 65]);
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let model = fixture("phi-tok");
+    let run = |seed: &str| {
+        json_stdout(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--repetition-penalty",
+            "1.1",
+            "--seed",
+            seed,
+            "--backend",
+            "cpu",
+            "--json",
+        ])["generated_ids"]
+            .clone()
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+}
+
+#[test]
+fn bad_input_gives_a_message_and_exit_code_1() {
+    let model = fixture("phi-tok");
+    let model = model.to_str().unwrap();
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "Hi",
+            "--backend",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let check = |args: Vec<String>, needles: &[&str]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&args, needles)
+    };
+    check(gen(&["--temperature", "-1"]), &["temperature"]);
+    check(gen(&["--top-p", "0"]), &["top_p"]);
+    check(gen(&["--top-p", "1.5"]), &["top_p"]);
+    check(gen(&["--top-k", "0"]), &["top_k"]);
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            "/nonexistent/dir",
+            "--prompt",
+            "x",
+            "--backend",
+            "cpu",
+        ],
+        &["/nonexistent/dir"],
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            fixture("phi-qkln").to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--backend",
+            "cpu",
+        ],
+        &["qk_layernorm"],
+    );
+    // phi-tok's context is max_position_embeddings tokens; " a" is one token each.
+    let context = 2048;
+    let long_prompt = " a".repeat(context + 5);
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            &long_prompt,
+            "--backend",
+            "cpu",
+        ],
+        &["2053", &context.to_string()],
+    );
+}

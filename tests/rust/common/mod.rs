@@ -1,0 +1,53 @@
+//! Shared by the integration tests: fixture paths, reference outputs, backends.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::PathBuf;
+
+use phi2_web::{block_on, BackendKind, Phi, PhiTokenizer};
+use serde::Deserialize;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// What `scripts/make_fixtures.py` recorded from Hugging Face transformers.
+#[derive(Deserialize)]
+pub struct Reference {
+    pub cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+pub struct Case {
+    #[serde(default)]
+    pub prompt: Option<String>,
+    pub ids: Vec<u32>,
+    pub last_logits: Vec<f32>,
+    pub greedy_ids: Vec<u32>,
+}
+
+pub fn reference(name: &str) -> Reference {
+    let path = fixture(name).join("reference.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/make_fixtures.py)", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The native GPU backend runs in CI on Mesa's llvmpipe through GL (scripts/test.sh hides the
+/// Vulkan ICDs: lavapipe crashes in cubecl's pipelines). Both backends are always tested.
+pub const BACKENDS: [BackendKind; 2] = [BackendKind::Cpu, BackendKind::Wgpu];
+
+pub fn load(name: &str, backend: BackendKind) -> (Phi, PhiTokenizer) {
+    let device = block_on(backend.device()).unwrap();
+    phi2_web::weights::load_dir(&fixture(name), &device)
+        .unwrap_or_else(|e| panic!("loading {name} on {backend:?}: {e}"))
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
