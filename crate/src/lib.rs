@@ -8,6 +8,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod generation;
+pub mod kernels;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;

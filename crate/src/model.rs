@@ -7,22 +7,64 @@
 use burn::tensor::activation::{gelu_approximate, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use std::sync::Arc;
+
 use crate::config::PhiConfig;
+use crate::kernels::Q4Weight;
+use crate::quant::Q4Matrix;
 use crate::weights::safetensors::Weights;
 use crate::weights::{LayerParam, Slot};
 
 /// Added to masked attention scores. Large and finite: WGSL does not promise IEEE infinities.
 const MASKED: f32 = -1.0e9;
 
-pub struct Linear {
-    /// `[in, out]`
-    weight: Tensor<2>,
-    bias: Tensor<1>,
+/// A linear layer `y = x·W + b`, its weight either f32 or 4-bit packed.
+pub enum Linear {
+    /// `weight`: `[in, out]`
+    Dense {
+        weight: Tensor<2>,
+        bias: Tensor<1>,
+    },
+    Q4 {
+        weight: Q4Weight,
+        bias: Tensor<1>,
+    },
 }
 
 impl Linear {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        x.matmul(self.weight.clone()) + self.bias.clone().unsqueeze::<2>()
+        match self {
+            Linear::Dense { weight, bias } => {
+                x.matmul(weight.clone()) + bias.clone().unsqueeze::<2>()
+            }
+            Linear::Q4 { weight, bias } => weight.matmul(x, bias),
+        }
+    }
+}
+
+/// The token embedding table. A 4-bit table stays in host memory: a step needs only its
+/// few rows, dequantized on the CPU and uploaded.
+pub enum Embedding {
+    Dense(Tensor<2>),
+    Q4(Arc<Q4Matrix>),
+}
+
+impl Embedding {
+    fn forward(&self, tokens: &[u32], device: &Device) -> Tensor<2> {
+        match self {
+            Embedding::Dense(table) => {
+                let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+                let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens.len()]), device);
+                table.clone().select(0, ids)
+            }
+            Embedding::Q4(table) => {
+                let rows: Vec<f32> = tokens
+                    .iter()
+                    .flat_map(|&t| table.dequantize_row(t as usize))
+                    .collect();
+                Tensor::from_data(TensorData::new(rows, [tokens.len(), table.cols]), device)
+            }
+        }
     }
 }
 
@@ -160,7 +202,7 @@ impl KvCache {
 pub struct Phi {
     config: PhiConfig,
     device: Device,
-    embedding: Tensor<2>,
+    embedding: Embedding,
     layers: Vec<DecoderLayer>,
     final_norm: LayerNorm,
     lm_head: Linear,
@@ -171,12 +213,6 @@ impl Phi {
     pub fn from_weights(mut weights: Weights, device: &Device) -> Self {
         let config = weights.config.clone();
         let eps = config.layer_norm_eps;
-        fn linear(w: &mut Weights, weight: Slot, bias: Slot) -> Linear {
-            Linear {
-                weight: w.take(weight),
-                bias: w.take(bias),
-            }
-        }
         let layers = (0..config.num_hidden_layers)
             .map(|n| {
                 let p = |param| Slot::Layer(n, param);
@@ -187,24 +223,24 @@ impl Phi {
                         bias: weights.take(p(NormBias)),
                         eps,
                     },
-                    q: linear(&mut weights, p(QWeight), p(QBias)),
-                    k: linear(&mut weights, p(KWeight), p(KBias)),
-                    v: linear(&mut weights, p(VWeight), p(VBias)),
-                    dense: linear(&mut weights, p(DenseWeight), p(DenseBias)),
-                    fc1: linear(&mut weights, p(Fc1Weight), p(Fc1Bias)),
-                    fc2: linear(&mut weights, p(Fc2Weight), p(Fc2Bias)),
+                    q: weights.take_linear(p(QWeight), p(QBias)),
+                    k: weights.take_linear(p(KWeight), p(KBias)),
+                    v: weights.take_linear(p(VWeight), p(VBias)),
+                    dense: weights.take_linear(p(DenseWeight), p(DenseBias)),
+                    fc1: weights.take_linear(p(Fc1Weight), p(Fc1Bias)),
+                    fc2: weights.take_linear(p(Fc2Weight), p(Fc2Bias)),
                 }
             })
             .collect();
         Phi {
-            embedding: weights.take(Slot::Embedding),
+            embedding: weights.take_embedding(),
             layers,
             final_norm: LayerNorm {
                 weight: weights.take(Slot::FinalNormWeight),
                 bias: weights.take(Slot::FinalNormBias),
                 eps,
             },
-            lm_head: linear(&mut weights, Slot::LmHeadWeight, Slot::LmHeadBias),
+            lm_head: weights.take_linear(Slot::LmHeadWeight, Slot::LmHeadBias),
             rotary: Rotary::new(&config, device),
             config,
             device: device.clone(),
@@ -251,9 +287,7 @@ impl Phi {
         );
         let start = cache.len;
         let count = tokens.len();
-        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [count]), &self.device);
-        let mut hidden = self.embedding.clone().select(0, ids);
+        let mut hidden = self.embedding.forward(tokens, &self.device);
         let mask = (count > 1).then(|| self.causal_mask(start, count));
         for (index, layer) in self.layers.iter().enumerate() {
             let x = layer.norm.forward(hidden.clone());

@@ -10,7 +10,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::{future_to_promise, JsFuture};
 
 use crate::error::{Error, Result};
-use crate::weights::{load_hf, FileSource};
+use crate::weights::{load_model, FileSource};
 use crate::{BackendKind, Phi, PhiTokenizer, SamplingParams, Session};
 
 #[wasm_bindgen]
@@ -90,7 +90,7 @@ impl Phi2Model {
         } else {
             format!("{base_url}/")
         };
-        let (model, tokenizer) = load_hf(&HttpSource { base }, &device)
+        let (model, tokenizer) = load_model(&HttpSource { base }, &device)
             .await
             .map_err(js_error)?;
         Ok(Phi2Model {

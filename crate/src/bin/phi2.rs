@@ -5,8 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use std::time::Instant;
+
+use phi2_web::weights::convert::{convert_hf, synthesize, Summary};
 use phi2_web::weights::load_dir;
-use phi2_web::{block_on, BackendKind, Error, PhiTokenizer, Result, SamplingParams, Session};
+use phi2_web::{
+    block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session,
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -28,6 +33,36 @@ enum Command {
     Logits(LogitsArgs),
     /// Print the token ids of a text as JSON.
     Tokenize(TokenizeArgs),
+    /// Convert a Hugging Face checkpoint directory into a 4-bit chunked bundle.
+    Convert(ConvertArgs),
+    /// Write a bundle with random weights and a model's shapes (for benchmarks).
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// HF checkpoint directory (config.json, tokenizer.json, safetensors).
+    #[arg(long)]
+    from: PathBuf,
+    /// The bundle directory to create (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Chunk size in MiB (at most 64).
+    #[arg(long, default_value_t = 32)]
+    chunk_mb: u64,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Shapes: phi-2 (the full model) or tiny.
+    #[arg(long, value_parser = ["phi-2", "tiny"])]
+    preset: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 32)]
+    chunk_mb: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -95,6 +130,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Logits(args) => logits(args),
         Command::Tokenize(args) => tokenize(args),
+        Command::Convert(args) => convert(args),
+        Command::Synth(args) => synth(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,4 +211,57 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
 
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path.display().to_string(), e))
+}
+
+/// Phi-2's tokenizer (scripts/build_tokenizer.py), for synthetic bundles.
+const PHI2_TOKENIZER: &[u8] = include_bytes!("../../assets/tokenizer.json");
+
+fn report(summary: &Summary, started: Instant) {
+    eprintln!(
+        "wrote {:.1} MB in {} chunks: {} parameters, {:.2} bits/weight, {:.1} s",
+        summary.bytes as f64 / 1e6,
+        summary.chunks,
+        summary.parameters,
+        summary.bits_per_weight,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn progress(done: usize, total: usize) {
+    eprint!("\rtensors {done}/{total}");
+    if done == total {
+        eprintln!();
+    }
+}
+
+fn convert(args: ConvertArgs) -> Result<()> {
+    let started = Instant::now();
+    let summary = convert_hf(&args.from, &args.out, args.chunk_mb << 20, progress)?;
+    report(&summary, started);
+    Ok(())
+}
+
+fn synth(args: SynthArgs) -> Result<()> {
+    let config = match args.preset.as_str() {
+        "phi-2" => PhiConfig::phi2(),
+        _ => PhiConfig {
+            vocab_size: 51200,
+            hidden_size: 64,
+            intermediate_size: 256,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            ..PhiConfig::phi2()
+        },
+    };
+    let started = Instant::now();
+    let summary = synthesize(
+        &config,
+        PHI2_TOKENIZER,
+        &args.out,
+        args.chunk_mb << 20,
+        args.seed,
+        progress,
+    )?;
+    report(&summary, started);
+    Ok(())
 }

@@ -1,11 +1,14 @@
 //! Getting weights into the model: checkpoint name mapping, format readers, and loading a
 //! Hugging Face model directory from any file source (local directory, HTTP).
 
+pub mod bundle;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod convert;
 pub mod names;
 pub mod safetensors;
 
 pub use names::{LayerParam, Slot};
-pub use safetensors::{shard_files, HostTensor, WeightAssembler, Weights};
+pub use safetensors::{host_layout, shard_files, HostTensor, WeightAssembler, Weights};
 
 use burn::tensor::Device;
 
@@ -32,6 +35,57 @@ async fn read_required<S: FileSource>(source: &S, name: &str) -> Result<Vec<u8>>
 fn utf8<'a>(bytes: &'a [u8], source: &impl FileSource, name: &str) -> Result<&'a str> {
     std::str::from_utf8(bytes)
         .map_err(|e| Error::format(source.locate(name), format!("not UTF-8: {e}")))
+}
+
+/// Loads a model directory of either kind: a phi2-web bundle (`manifest.json`) or an HF
+/// checkpoint.
+pub async fn load_model<S: FileSource>(source: &S, device: &Device) -> Result<(Phi, PhiTokenizer)> {
+    match source.read(bundle::MANIFEST).await? {
+        Some(manifest) => load_bundle(source, &manifest, device).await,
+        None => load_hf(source, device).await,
+    }
+}
+
+/// Loads a bundle chunk by chunk: each chunk is checked against its sha256, each tensor is
+/// placed on the device as soon as its bytes are complete, and the chunk is dropped.
+async fn load_bundle<S: FileSource>(
+    source: &S,
+    manifest_bytes: &[u8],
+    device: &Device,
+) -> Result<(Phi, PhiTokenizer)> {
+    let manifest = bundle::Manifest::parse(utf8(manifest_bytes, source, bundle::MANIFEST)?)
+        .map_err(|e| match e {
+            Error::Format { message, .. } => {
+                Error::format(source.locate(bundle::MANIFEST), message)
+            }
+            other => other,
+        })?;
+    let tokenizer = PhiTokenizer::from_bytes(&read_required(source, &manifest.tokenizer).await?)?;
+    let mut assembler = WeightAssembler::new(manifest.config.clone(), device.clone());
+    let mut stream = bundle::ChunkStream::new(&manifest);
+    for (index, chunk) in manifest.chunks.iter().enumerate() {
+        let location = source.locate(&chunk.file);
+        let bytes = read_required(source, &chunk.file).await?;
+        stream.push(index, &bytes, &location, |entry, bytes| {
+            let slot = match names::target(&entry.name, &manifest.config) {
+                Some(names::Target::One(slot)) => slot,
+                _ => unreachable!("Manifest::parse checked every name"),
+            };
+            match bundle::decode(entry, bytes) {
+                bundle::TensorBytes::Q4(matrix) => assembler.insert_q4(slot, matrix, &location),
+                bundle::TensorBytes::F32(values) => assembler.insert(
+                    slot,
+                    HostTensor {
+                        shape: entry.shape.clone(),
+                        data: values,
+                    },
+                    &location,
+                ),
+            }
+        })?;
+    }
+    let weights = assembler.finish()?;
+    Ok((Phi::from_weights(weights, device), tokenizer))
 }
 
 /// Loads an HF-layout model: `config.json`, `tokenizer.json`, and `model.safetensors` or
@@ -86,5 +140,5 @@ pub fn load_dir(dir: &std::path::Path, device: &Device) -> Result<(Phi, PhiToken
     if !dir.is_dir() {
         return Err(Error::io(dir.display().to_string(), "is not a directory"));
     }
-    crate::block_on(load_hf(&DirSource(dir.to_path_buf()), device))
+    crate::block_on(load_model(&DirSource(dir.to_path_buf()), device))
 }

@@ -4,6 +4,7 @@
 //! the device as soon as it is read, so host memory never holds more than one shard.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
@@ -12,6 +13,9 @@ use serde_json::Value;
 use super::names::{target, LayerParam, Slot, Target};
 use crate::config::PhiConfig;
 use crate::error::{Error, Result};
+use crate::kernels::Q4Weight;
+use crate::model::{Embedding, Linear};
+use crate::quant::Q4Matrix;
 
 /// A tensor in host memory, in the layout the model uses (linear weights `[in, out]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -20,11 +24,18 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
-/// Collects the model's parameters on the device, shard by shard.
+/// A parameter where the model will use it.
+enum Stored {
+    Dense(Tensor<1>),
+    Q4Linear(Q4Weight),
+    Q4Embedding(Arc<Q4Matrix>),
+}
+
+/// Collects the model's parameters on the device, shard by shard (or chunk by chunk).
 pub struct WeightAssembler {
     config: PhiConfig,
     device: Device,
-    uploaded: BTreeMap<Slot, Tensor<1>>,
+    uploaded: BTreeMap<Slot, Stored>,
 }
 
 impl WeightAssembler {
@@ -90,9 +101,33 @@ impl WeightAssembler {
         Ok(())
     }
 
-    /// Uploads one parameter. Used by every weight format.
+    /// Uploads one f32 parameter, in model layout.
     pub fn insert(&mut self, slot: Slot, tensor: HostTensor, file: &str) -> Result<()> {
-        if self.uploaded.contains_key(&slot) {
+        let len = tensor.data.len();
+        let on_device = Tensor::<1>::from_data(TensorData::new(tensor.data, [len]), &self.device);
+        self.store(slot, Stored::Dense(on_device), file)
+    }
+
+    /// Places one 4-bit parameter (checkpoint layout `[out, in]`): linear weights go to the
+    /// device as packed words, the embedding table stays on the host.
+    pub fn insert_q4(&mut self, slot: Slot, matrix: Q4Matrix, file: &str) -> Result<()> {
+        let stored = match slot {
+            Slot::Embedding => Stored::Q4Embedding(Arc::new(matrix)),
+            _ if slot.is_linear_weight() => {
+                Stored::Q4Linear(Q4Weight::upload(matrix, &self.device))
+            }
+            _ => {
+                return Err(Error::format(
+                    file,
+                    format!("tensor `{}` cannot be 4-bit", slot.hf_name()),
+                ))
+            }
+        };
+        self.store(slot, stored, file)
+    }
+
+    fn store(&mut self, slot: Slot, stored: Stored, file: &str) -> Result<()> {
+        if self.uploaded.insert(slot, stored).is_some() {
             return Err(Error::format(
                 file,
                 format!(
@@ -101,9 +136,6 @@ impl WeightAssembler {
                 ),
             ));
         }
-        let len = tensor.data.len();
-        let on_device = Tensor::<1>::from_data(TensorData::new(tensor.data, [len]), &self.device);
-        self.uploaded.insert(slot, on_device);
         Ok(())
     }
 
@@ -124,29 +156,67 @@ impl WeightAssembler {
     }
 }
 
-/// All parameters on the device, flat; the model reshapes them as it takes them.
+/// All parameters, flat; the model reshapes them as it takes them.
 pub struct Weights {
     pub config: PhiConfig,
-    tensors: BTreeMap<Slot, Tensor<1>>,
+    tensors: BTreeMap<Slot, Stored>,
 }
 
 impl Weights {
-    /// Takes a parameter in model layout (linear weights `[in, out]`).
+    fn remove(&mut self, slot: Slot) -> Stored {
+        self.tensors
+            .remove(&slot)
+            .expect("WeightAssembler::finish checked every slot")
+    }
+
+    /// Takes an f32 parameter in model layout (linear weights `[in, out]`).
     pub fn take<const D: usize>(&mut self, slot: Slot) -> Tensor<D> {
         let mut shape = slot.shape(&self.config);
         if slot.is_linear_weight() {
             shape.reverse();
         }
-        let flat = self
-            .tensors
-            .remove(&slot)
-            .expect("WeightAssembler::finish checked every slot");
         let dims: [usize; D] = shape.try_into().expect("slot rank matches the caller");
-        flat.reshape(dims)
+        match self.remove(slot) {
+            Stored::Dense(flat) => flat.reshape(dims),
+            _ => panic!(
+                "{} is 4-bit; the model takes it with take_linear",
+                slot.hf_name()
+            ),
+        }
+    }
+
+    pub fn take_linear(&mut self, weight: Slot, bias: Slot) -> Linear {
+        let bias = self.take(bias);
+        match self.tensors.get(&weight) {
+            Some(Stored::Q4Linear(_)) => match self.remove(weight) {
+                Stored::Q4Linear(weight) => Linear::Q4 { weight, bias },
+                _ => unreachable!(),
+            },
+            _ => Linear::Dense {
+                weight: self.take(weight),
+                bias,
+            },
+        }
+    }
+
+    pub fn take_embedding(&mut self) -> Embedding {
+        match self.remove(Slot::Embedding) {
+            Stored::Dense(flat) => {
+                let shape = Slot::Embedding.shape(&self.config);
+                Embedding::Dense(flat.reshape([shape[0], shape[1]]))
+            }
+            Stored::Q4Embedding(table) => Embedding::Q4(table),
+            Stored::Q4Linear(_) => unreachable!("insert_q4 keeps the embedding on the host"),
+        }
     }
 }
 
-fn check_shape(name: &str, found: &[usize], expected: &[usize], file: &str) -> Result<()> {
+pub(crate) fn check_shape(
+    name: &str,
+    found: &[usize],
+    expected: &[usize],
+    file: &str,
+) -> Result<()> {
     if found != expected {
         return Err(Error::TensorShape {
             name: name.to_string(),
@@ -160,7 +230,7 @@ fn check_shape(name: &str, found: &[usize], expected: &[usize], file: &str) -> R
 
 /// Puts checkpoint values into model layout: linear weights go from `[out, in]` to `[in, out]`
 /// so the forward pass is a plain `x · W`.
-fn host_layout(slot: Slot, checkpoint_shape: Vec<usize>, values: Vec<f32>) -> HostTensor {
+pub fn host_layout(slot: Slot, checkpoint_shape: Vec<usize>, values: Vec<f32>) -> HostTensor {
     if !slot.is_linear_weight() {
         return HostTensor {
             shape: checkpoint_shape,
@@ -180,7 +250,7 @@ fn host_layout(slot: Slot, checkpoint_shape: Vec<usize>, values: Vec<f32>) -> Ho
     }
 }
 
-fn to_f32(name: &str, dtype: Dtype, bytes: &[u8], file: &str) -> Result<Vec<f32>> {
+pub(crate) fn to_f32(name: &str, dtype: Dtype, bytes: &[u8], file: &str) -> Result<Vec<f32>> {
     let values = match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)

@@ -1,0 +1,199 @@
+//! 4-bit bundles: the kernels against a plain reference, HF → bundle conversion, loading, and
+//! the quantized model against the f32 model built from the same dequantized weights.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fixture, max_abs_diff, reference, BACKENDS};
+use phi2_web::kernels::Q4Weight;
+use phi2_web::quant::Q4Matrix;
+use phi2_web::weights::bundle::{decode, ChunkStream, Manifest, TensorBytes, MANIFEST};
+use phi2_web::weights::convert::convert_hf;
+use phi2_web::weights::{host_layout, load_dir, names, HostTensor, WeightAssembler};
+use phi2_web::{block_on, BackendKind, Phi, SamplingParams, Session};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("phi2-web-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn q4_matmul_matches_the_reference_on_odd_shapes() {
+    for backend in BACKENDS {
+        let device = block_on(backend.device()).unwrap();
+        for (tokens, rows, cols) in [
+            (1, 33, 70),
+            (3, 17, 64),
+            (17, 5, 160),
+            (1, 1, 1),
+            (2, 40, 33),
+        ] {
+            let weights = pseudo_random(rows * cols, (rows * cols) as u64);
+            let matrix = Q4Matrix::quantize(&weights, rows, cols);
+            let x = pseudo_random(tokens * cols, 7);
+            let bias = pseudo_random(rows, 3);
+            let mut expected = matrix.matmul_reference(&x, tokens);
+            for (i, v) in expected.iter_mut().enumerate() {
+                *v += bias[i % rows];
+            }
+            let weight = Q4Weight::upload(matrix, &device);
+            let x = burn::tensor::Tensor::<2>::from_data(
+                burn::tensor::TensorData::new(x, [tokens, cols]),
+                &device,
+            );
+            let bias = burn::tensor::Tensor::<1>::from_data(
+                burn::tensor::TensorData::new(bias, [rows]),
+                &device,
+            );
+            let y = weight.matmul(x, &bias);
+            assert_eq!(y.dims(), [tokens, rows]);
+            let got = block_on(y.into_data_async())
+                .unwrap()
+                .try_into_vec::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(&got, &expected);
+            assert!(diff < 1e-4, "{backend:?} {tokens}x{rows}x{cols}: {diff}");
+        }
+    }
+}
+
+/// The f32 model built from a bundle's dequantized weights: what the 4-bit model must compute.
+fn dequantized_model(bundle: &Path, backend: BackendKind) -> Phi {
+    let device = block_on(backend.device()).unwrap();
+    let manifest =
+        Manifest::parse(&std::fs::read_to_string(bundle.join(MANIFEST)).unwrap()).unwrap();
+    let mut assembler = WeightAssembler::new(manifest.config.clone(), device.clone());
+    let mut stream = ChunkStream::new(&manifest);
+    for (i, chunk) in manifest.chunks.iter().enumerate() {
+        let bytes = std::fs::read(bundle.join(&chunk.file)).unwrap();
+        stream
+            .push(i, &bytes, &chunk.file, |entry, bytes| {
+                let Some(names::Target::One(slot)) = names::target(&entry.name, &manifest.config)
+                else {
+                    panic!("{}", entry.name)
+                };
+                let values = match decode(entry, bytes) {
+                    TensorBytes::Q4(m) => m.dequantize(),
+                    TensorBytes::F32(v) => v,
+                };
+                let tensor: HostTensor = host_layout(slot, entry.shape.clone(), values);
+                assembler.insert(slot, tensor, "test")
+            })
+            .unwrap();
+    }
+    Phi::from_weights(assembler.finish().unwrap(), &device)
+}
+
+#[test]
+fn converted_bundles_run_like_their_dequantized_weights() {
+    for fixture_name in ["phi-80", "phi-tok", "phi-80-old"] {
+        let out = scratch(&format!("bundle-{fixture_name}"));
+        // Small chunks so tensors straddle chunk boundaries.
+        let summary = convert_hf(&fixture(fixture_name), &out, 100_000, |_, _| {}).unwrap();
+        assert!(summary.chunks > 1);
+        for backend in BACKENDS {
+            let (quantized, tokenizer) =
+                load_dir(&out, &block_on(backend.device()).unwrap()).unwrap();
+            let dense = dequantized_model(&out, backend);
+            for case in reference(fixture_name).cases {
+                let logits = |model: &Phi| {
+                    let mut s =
+                        Session::new(model, case.ids.clone(), SamplingParams::default()).unwrap();
+                    block_on(s.logits(model)).unwrap()
+                };
+                let diff = max_abs_diff(&logits(&quantized), &logits(&dense));
+                assert!(diff <= 1e-3, "{fixture_name} {backend:?}: {diff}");
+                let greedy = |model: &Phi| {
+                    let params = SamplingParams {
+                        max_tokens: 10,
+                        ..SamplingParams::default()
+                    };
+                    let mut s = Session::new(model, case.ids.clone(), params).unwrap();
+                    while block_on(s.next(model, &tokenizer)).unwrap().is_some() {}
+                    s.generated_ids().to_vec()
+                };
+                assert_eq!(
+                    greedy(&quantized),
+                    greedy(&dense),
+                    "{fixture_name} {backend:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn conversion_never_leaves_a_bundle_that_looks_complete() {
+    let out = scratch("bundle-exists");
+    std::fs::create_dir_all(&out).unwrap();
+    let err = convert_hf(&fixture("phi-80"), &out, 1 << 20, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+
+    // A checkpoint missing a tensor fails and leaves neither the bundle nor its partial copy.
+    let broken = scratch("bundle-broken-src");
+    std::fs::create_dir_all(&broken).unwrap();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixture("phi-tok").join(file), broken.join(file)).unwrap();
+    }
+    let index =
+        std::fs::read_to_string(fixture("phi-tok").join("model.safetensors.index.json")).unwrap();
+    std::fs::write(broken.join("model.safetensors.index.json"), &index).unwrap();
+    let first_shard = phi2_web::weights::shard_files(&index).unwrap()[0].clone();
+    std::fs::copy(
+        fixture("phi-tok").join(&first_shard),
+        broken.join(&first_shard),
+    )
+    .unwrap();
+    let out = scratch("bundle-broken-out");
+    let err = convert_hf(&broken, &out, 1 << 20, |_, _| {}).unwrap_err();
+    assert!(
+        err.to_string().contains("model-00002-of-00002.safetensors"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    assert!(!PathBuf::from(format!("{}.partial", out.display())).exists());
+}
+
+#[test]
+fn corrupt_chunk_fails_the_load_naming_the_chunk() {
+    let out = scratch("bundle-corrupt");
+    convert_hf(&fixture("phi-80"), &out, 100_000, |_, _| {}).unwrap();
+    let chunk = out.join("chunk-00002.bin");
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    bytes[5] ^= 0x40;
+    std::fs::write(&chunk, bytes).unwrap();
+    let device = block_on(BackendKind::Cpu.device()).unwrap();
+    let err = load_dir(&out, &device)
+        .err()
+        .expect("a corrupt chunk must fail")
+        .to_string();
+    assert!(
+        err.contains("chunk-00002.bin") && err.contains("sha256"),
+        "{err}"
+    );
+    std::fs::remove_file(&chunk).unwrap();
+    let err = load_dir(&out, &device)
+        .err()
+        .expect("a missing chunk must fail")
+        .to_string();
+    assert!(
+        err.contains("chunk-00002.bin") && err.contains("not found"),
+        "{err}"
+    );
+}
