@@ -56,13 +56,11 @@ impl Q4Matrix {
                     .iter()
                     .copied()
                     .fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
-                let d = f16::from_f32(max / -8.0);
-                scales.push(d);
-                let inv = if d.to_f32() == 0.0 {
-                    0.0
-                } else {
-                    1.0 / d.to_f32()
-                };
+                // ggml's rule exactly (the inverse from the unrounded scale), so a checkpoint
+                // converted here and a Q4_0 GGUF made from the same weights agree bit for bit.
+                let d = max / -8.0;
+                scales.push(f16::from_f32(d));
+                let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
                 for (j, &v) in block.iter().enumerate() {
                     let q = ((v * inv + 8.5) as i32).clamp(0, 15) as u32;
                     let index = r * padded + start + j;
@@ -75,6 +73,18 @@ impl Q4Matrix {
             cols,
             codes,
             scales,
+        }
+    }
+
+    /// Rows `start..start + count` (rows are independent in this layout).
+    pub fn rows_range(&self, start: usize, count: usize) -> Q4Matrix {
+        let words = padded_cols(self.cols) / 8;
+        let blocks = self.blocks_per_row();
+        Q4Matrix {
+            rows: count,
+            cols: self.cols,
+            codes: self.codes[start * words..(start + count) * words].to_vec(),
+            scales: self.scales[start * blocks..(start + count) * blocks].to_vec(),
         }
     }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use std::time::Instant;
 
-use phi2_web::weights::convert::{convert_hf, synthesize, Summary};
+use phi2_web::weights::convert::{convert_gguf, convert_hf, synthesize, Summary};
 use phi2_web::weights::load_dir;
 use phi2_web::{
     block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session,
@@ -33,7 +33,7 @@ enum Command {
     Logits(LogitsArgs),
     /// Print the token ids of a text as JSON.
     Tokenize(TokenizeArgs),
-    /// Convert a Hugging Face checkpoint directory into a 4-bit chunked bundle.
+    /// Convert a Hugging Face checkpoint directory or a GGUF file into a 4-bit chunked bundle.
     Convert(ConvertArgs),
     /// Write a bundle with random weights and a model's shapes (for benchmarks).
     Synth(SynthArgs),
@@ -41,9 +41,12 @@ enum Command {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// HF checkpoint directory (config.json, tokenizer.json, safetensors).
+    /// HF checkpoint directory (config.json, tokenizer.json, safetensors) or a `.gguf` file.
     #[arg(long)]
     from: PathBuf,
+    /// tokenizer.json for a GGUF source (default: rebuilt from the GGUF metadata).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// The bundle directory to create (must not exist).
     #[arg(long)]
     out: PathBuf,
@@ -236,7 +239,18 @@ fn progress(done: usize, total: usize) {
 
 fn convert(args: ConvertArgs) -> Result<()> {
     let started = Instant::now();
-    let summary = convert_hf(&args.from, &args.out, args.chunk_mb << 20, progress)?;
+    let chunk = args.chunk_mb << 20;
+    let summary = if args.from.is_file() {
+        convert_gguf(
+            &args.from,
+            args.tokenizer.as_deref(),
+            &args.out,
+            chunk,
+            progress,
+        )?
+    } else {
+        convert_hf(&args.from, &args.out, chunk, progress)?
+    };
     report(&summary, started);
     Ok(())
 }

@@ -36,13 +36,20 @@ fn quantized(slot: Slot) -> bool {
     slot.is_linear_weight() || slot == Slot::Embedding
 }
 
-/// Writes a bundle; `values(slot)` gives each tensor in checkpoint layout.
+/// A tensor as a source provides it, in checkpoint layout.
+enum SlotData {
+    Values(Vec<f32>),
+    /// Already 4-bit in our layout (a GGUF Q4_0 tensor): carried over as is.
+    Q4(Q4Matrix),
+}
+
+/// Writes a bundle; `values(slot)` gives each tensor.
 fn write_bundle(
     config: &PhiConfig,
     tokenizer_json: &[u8],
     out: &Path,
     chunk_bytes: u64,
-    mut values: impl FnMut(Slot) -> Result<Vec<f32>>,
+    mut values: impl FnMut(Slot) -> Result<SlotData>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Summary> {
     if out.exists() {
@@ -62,12 +69,14 @@ fn write_bundle(
         let mut parameters = 0u64;
         for (i, &slot) in slots.iter().enumerate() {
             let shape = slot.shape(config);
-            let data = values(slot)?;
-            parameters += data.len() as u64;
-            let tensor = if quantized(slot) {
-                TensorBytes::Q4(Q4Matrix::quantize(&data, shape[0], shape[1]))
-            } else {
-                TensorBytes::F32(data)
+            parameters += shape.iter().product::<usize>() as u64;
+            let tensor = match (values(slot)?, quantized(slot)) {
+                (SlotData::Values(v), true) => {
+                    TensorBytes::Q4(Q4Matrix::quantize(&v, shape[0], shape[1]))
+                }
+                (SlotData::Values(v), false) => TensorBytes::F32(v),
+                (SlotData::Q4(m), true) => TensorBytes::Q4(m),
+                (SlotData::Q4(m), false) => TensorBytes::F32(m.dequantize()),
             };
             writer.add(&slot.hf_name(), shape, &tensor)?;
             progress(i + 1, slots.len());
@@ -202,7 +211,7 @@ pub fn convert_hf(
             }
         }
     }
-    let values = |slot: Slot| -> Result<Vec<f32>> {
+    let values = |slot: Slot| -> Result<SlotData> {
         let at = located.get(&slot).ok_or_else(|| Error::MissingTensor {
             name: slot.hf_name(),
         })?;
@@ -216,13 +225,13 @@ pub fn convert_hf(
         }
         check_shape(&at.name, view.shape(), &expected, &file)?;
         let all = to_f32(&at.name, view.dtype(), view.data(), &file)?;
-        Ok(match at.qkv_part {
+        Ok(SlotData::Values(match at.qkv_part {
             None => all,
             Some(part) => {
                 let len = all.len() / 3;
                 all[part * len..(part + 1) * len].to_vec()
             }
-        })
+        }))
     };
     write_bundle(&config, &tokenizer, out, chunk_bytes, values, progress)
 }
@@ -238,10 +247,10 @@ pub fn synthesize(
     progress: impl FnMut(usize, usize),
 ) -> Result<Summary> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let values = |slot: Slot| -> Result<Vec<f32>> {
+    let values = |slot: Slot| -> Result<SlotData> {
         let shape = slot.shape(config);
         let n: usize = shape.iter().product();
-        Ok(match slot {
+        Ok(SlotData::Values(match slot {
             Slot::FinalNormWeight | Slot::Layer(_, super::LayerParam::NormWeight) => vec![1.0; n],
             _ => {
                 // Uniform with the variance of a 1/sqrt(fan_in) normal: activations stay sane.
@@ -249,7 +258,83 @@ pub fn synthesize(
                 let bound = if shape.len() == 1 { 0.02 } else { bound };
                 (0..n).map(|_| rng.random_range(-bound..bound)).collect()
             }
-        })
+        }))
     };
     write_bundle(config, tokenizer_json, out, chunk_bytes, values, progress)
+}
+
+/// Converts a llama.cpp GGUF file (architecture `phi2`) into a bundle. Q4_0 tensors are carried
+/// over exactly; other types are dequantized and, where the bundle stores 4-bit, requantized.
+/// The tokenizer is `tokenizer` when given, else rebuilt from the GGUF metadata.
+pub fn convert_gguf(
+    path: &Path,
+    tokenizer: Option<&Path>,
+    out: &Path,
+    chunk_bytes: u64,
+    progress: impl FnMut(usize, usize),
+) -> Result<Summary> {
+    let file = fs::File::open(path).map_err(|e| io(path, e))?;
+    // SAFETY: read-only mapping; every range is bounds-checked by the parser.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io(path, e))?;
+    let label = path.display().to_string();
+    let gguf = super::gguf::Gguf::parse(&map, &label)?;
+    let config = gguf.phi_config()?;
+    let tokenizer_json = match tokenizer {
+        Some(p) => fs::read(p).map_err(|e| io(p, e))?,
+        None => gguf.tokenizer_json()?,
+    };
+    crate::tokenizer::PhiTokenizer::from_bytes(&tokenizer_json)?;
+    let mut located: BTreeMap<Slot, (usize, Option<usize>)> = BTreeMap::new();
+    for (index, t) in gguf.tensors.iter().enumerate() {
+        let unexpected = || Error::UnexpectedTensor {
+            name: t.name.clone(),
+            file: label.clone(),
+        };
+        let hf = super::names::hf_name_of_gguf(&t.name).ok_or_else(unexpected)?;
+        let parts: Vec<(Slot, Option<usize>)> = match target(&hf, &config).ok_or_else(unexpected)? {
+            Target::Ignored => vec![],
+            Target::One(slot) => vec![(slot, None)],
+            Target::FusedQkv { layer, bias } => {
+                use super::LayerParam::*;
+                let params = if bias {
+                    [QBias, KBias, VBias]
+                } else {
+                    [QWeight, KWeight, VWeight]
+                };
+                params
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| (Slot::Layer(layer, p), Some(i)))
+                    .collect()
+            }
+        };
+        for (slot, part) in parts {
+            if located.insert(slot, (index, part)).is_some() {
+                return Err(Error::format(
+                    &label,
+                    format!("tensor `{}` appears twice", t.name),
+                ));
+            }
+        }
+    }
+    let values = |slot: Slot| -> Result<SlotData> {
+        let &(index, part) = located.get(&slot).ok_or_else(|| Error::MissingTensor {
+            name: slot.hf_name(),
+        })?;
+        let t = &gguf.tensors[index];
+        let mut expected = slot.shape(&config);
+        if part.is_some() {
+            expected[0] *= 3;
+        }
+        check_shape(&t.name, &t.shape, &expected, &label)?;
+        let rows = expected[0] / if part.is_some() { 3 } else { 1 };
+        let part = part.unwrap_or(0);
+        if let Some(matrix) = gguf.q4_0_matrix(t) {
+            return Ok(SlotData::Q4(matrix.rows_range(part * rows, rows)));
+        }
+        let all = gguf.dequantize(t);
+        let len = all.len() / expected[0] * rows;
+        Ok(SlotData::Values(all[part * len..(part + 1) * len].to_vec()))
+    };
+    write_bundle(&config, &tokenizer_json, out, chunk_bytes, values, progress)
 }

@@ -4,6 +4,7 @@
 pub mod bundle;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod convert;
+pub mod gguf;
 pub mod names;
 pub mod safetensors;
 

@@ -175,6 +175,41 @@ pub fn target(name: &str, config: &PhiConfig) -> Option<Target> {
     Some(Target::One(slot))
 }
 
+/// The transformers name of a llama.cpp GGUF tensor name (`blk.N.attn_qkv.weight`, ...);
+/// a fused `attn_qkv` maps to the older fused `Wqkv` name.
+pub fn hf_name_of_gguf(name: &str) -> Option<String> {
+    let (base, kind) = name.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let hf = match base {
+        "token_embd" => "model.embed_tokens".to_string(),
+        "output_norm" => "model.final_layernorm".to_string(),
+        "output" => "lm_head".to_string(),
+        _ => {
+            let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            match part {
+                "attn_qkv" => format!("transformer.h.{layer}.mixer.Wqkv"),
+                _ => {
+                    let suffix = match part {
+                        "attn_norm" => "input_layernorm",
+                        "attn_q" => "self_attn.q_proj",
+                        "attn_k" => "self_attn.k_proj",
+                        "attn_v" => "self_attn.v_proj",
+                        "attn_output" => "self_attn.dense",
+                        "ffn_up" => "mlp.fc1",
+                        "ffn_down" => "mlp.fc2",
+                        _ => return None,
+                    };
+                    format!("model.layers.{layer}.{suffix}")
+                }
+            }
+        }
+    };
+    Some(format!("{hf}.{kind}"))
+}
+
 fn layer_target(name: &str, config: &PhiConfig) -> Option<Target> {
     let (rest, old_scheme) = if let Some(rest) = name.strip_prefix("model.layers.") {
         (rest, false)
@@ -235,6 +270,34 @@ mod tests {
         assert_eq!(target("model.layers.32.mlp.fc1.weight", &config), None);
         assert_eq!(target("model.layers.x.mlp.fc1.weight", &config), None);
         assert_eq!(target("something.else", &config), None);
+    }
+
+    #[test]
+    fn maps_gguf_names() {
+        let config = PhiConfig::phi2();
+        let via_gguf = |name: &str| target(&hf_name_of_gguf(name).unwrap(), &config);
+        assert_eq!(
+            via_gguf("token_embd.weight"),
+            Some(Target::One(Slot::Embedding))
+        );
+        assert_eq!(via_gguf("output.bias"), Some(Target::One(Slot::LmHeadBias)));
+        assert_eq!(
+            via_gguf("output_norm.weight"),
+            Some(Target::One(Slot::FinalNormWeight))
+        );
+        assert_eq!(
+            via_gguf("blk.7.ffn_down.weight"),
+            Some(Target::One(Slot::Layer(7, LayerParam::Fc2Weight)))
+        );
+        assert_eq!(
+            via_gguf("blk.2.attn_qkv.bias"),
+            Some(Target::FusedQkv {
+                layer: 2,
+                bias: true
+            })
+        );
+        assert_eq!(hf_name_of_gguf("blk.2.attn_rot.weight"), None);
+        assert_eq!(hf_name_of_gguf("rope_freqs"), None);
     }
 
     #[test]
