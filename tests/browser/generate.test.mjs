@@ -12,8 +12,8 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
-import { execFile } from 'node:child_process';
+import { existsSync, rmSync } from 'node:fs';
+import { execFile, execFileSync } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startServer } from './server.mjs';
@@ -50,9 +50,9 @@ function requireWasmBuild() {
 }
 
 /** Run the native CLI for the greedy reference; returns {prompt_ids, generated_ids, text}. */
-function nativeReference() {
+function nativeReference(model = FIXTURE) {
   requireFile(PHI2_BIN, 'the phi2 CLI (build it with `cargo build`, or set PHI2_BIN)');
-  const args = ['generate', '--model', FIXTURE, '--prompt', PROMPT, '--max-tokens', String(MAX_TOKENS),
+  const args = ['generate', '--model', model, '--prompt', PROMPT, '--max-tokens', String(MAX_TOKENS),
     '--temperature', '0', '--json', '--backend', 'cpu'];
   return new Promise((resolve, reject) => {
     execFile(PHI2_BIN, args, { cwd: REPO, timeout: 5 * 60 * 1000, maxBuffer: 16 << 20 }, (err, stdout, stderr) => {
@@ -77,30 +77,52 @@ function pageUrl(params) {
   return `${server.url}web/index.html?${new URLSearchParams(params)}`;
 }
 
-test('wasm on WebGPU generates exactly what the native CLI generates (greedy, 16 tokens)',
-  { timeout: PAGE_TIMEOUT_MS + 6 * 60 * 1000 }, async () => {
-    requireWasmBuild();
-    requireFile(path.join(REPO, FIXTURE, 'config.json'), 'the fixture model');
-    const reference = await nativeReference();
-    assert.ok(Array.isArray(reference.prompt_ids) && Array.isArray(reference.generated_ids),
-      `unexpected CLI output: ${JSON.stringify(reference)}`);
-    assert.equal(reference.generated_ids.length > 0, true, 'the CLI generated no tokens');
+/** The page's greedy run of `model` (a repo-relative directory) on `backend` must equal the CLI's. */
+async function expectSameAsNative(model, backend) {
+  requireWasmBuild();
+  requireFile(path.join(REPO, model), `the model ${model}`);
+  const reference = await nativeReference(model);
+  assert.ok(Array.isArray(reference.prompt_ids) && Array.isArray(reference.generated_ids),
+    `unexpected CLI output: ${JSON.stringify(reference)}`);
+  assert.equal(reference.generated_ids.length > 0, true, 'the CLI generated no tokens');
 
-    const page = await browser.newPage();
-    forwardPageLogs(page);
-    try {
-      const t0 = Date.now();
-      await page.goto(pageUrl({ model: `../${FIXTURE}/`, prompt: PROMPT, max: String(MAX_TOKENS), backend: 'webgpu', autorun: '1' }));
-      const { result, isError } = await waitForResult(page, PAGE_TIMEOUT_MS);
-      process.stderr.write(`[browser test] page finished in ${((Date.now() - t0) / 1000).toFixed(1)} s: ${JSON.stringify(result)}\n`);
-      assert.equal(isError, false, `the page reported an error: ${result.error}`);
-      assert.equal(result.backend, 'webgpu');
-      assert.deepEqual(result.promptIds, reference.prompt_ids, 'prompt token ids differ from the CLI');
-      assert.deepEqual(result.generatedIds, reference.generated_ids, 'generated token ids differ from the CLI');
-      assert.equal(result.text, reference.text, 'generated text differs from the CLI');
-    } finally {
-      await page.close();
-    }
+  const page = await browser.newPage();
+  forwardPageLogs(page);
+  try {
+    const t0 = Date.now();
+    await page.goto(pageUrl({ model: `../${model}/`, prompt: PROMPT, max: String(MAX_TOKENS), backend, autorun: '1' }));
+    const { result, isError } = await waitForResult(page, PAGE_TIMEOUT_MS);
+    process.stderr.write(`[browser test] ${model} on ${backend}: ${((Date.now() - t0) / 1000).toFixed(1)} s: ${JSON.stringify(result)}\n`);
+    assert.equal(isError, false, `the page reported an error: ${result.error}`);
+    assert.equal(result.backend, backend);
+    assert.deepEqual(result.promptIds, reference.prompt_ids, 'prompt token ids differ from the CLI');
+    assert.deepEqual(result.generatedIds, reference.generated_ids, 'generated token ids differ from the CLI');
+    assert.equal(result.text, reference.text, 'generated text differs from the CLI');
+  } finally {
+    await page.close();
+  }
+}
+
+/** Converts the fixture into a 4-bit bundle under target/ (served with the repository). */
+function convertToBundle() {
+  const out = path.join('target', 'browser-bundles', 'phi-tok-q4');
+  rmSync(path.join(REPO, out), { recursive: true, force: true });
+  execFileSync(PHI2_BIN, ['convert', '--from', FIXTURE, '--out', out, '--chunk-mb', '1'], { cwd: REPO });
+  return out;
+}
+
+const TIMEOUT = { timeout: PAGE_TIMEOUT_MS + 6 * 60 * 1000 };
+
+test('wasm on WebGPU generates exactly what the native CLI generates (greedy, 16 tokens)', TIMEOUT,
+  () => expectSameAsNative(FIXTURE, 'webgpu'));
+
+test('a 4-bit bundle on WebGPU (custom kernel, no shader-f16) generates what the CLI does', TIMEOUT,
+  () => expectSameAsNative(convertToBundle(), 'webgpu'));
+
+test('the CPU backend in wasm generates what the CLI does, for checkpoints and bundles', TIMEOUT,
+  async () => {
+    await expectSameAsNative(FIXTURE, 'cpu');
+    await expectSameAsNative(convertToBundle(), 'cpu');
   });
 
 test('a model URL that does not exist gives a clear error on the page', { timeout: 3 * 60 * 1000 }, async () => {

@@ -212,3 +212,44 @@ fn bad_input_gives_a_message_and_exit_code_1() {
         &["2053", &context.to_string()],
     );
 }
+
+#[test]
+fn synth_and_bench_smoke_run() {
+    let out = std::env::temp_dir().join(format!("phi2-web-synth-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let status = phi2(&["synth", "--preset", "tiny", "--out", out.to_str().unwrap()]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let report = json_stdout(&[
+        "bench",
+        "--model",
+        out.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--json",
+    ]);
+    for field in [
+        "load_s",
+        "time_to_first_token_s",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "decode_effective_gb_per_s",
+    ] {
+        assert!(
+            report[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field} in {report}"
+        );
+    }
+    assert_eq!(
+        report["decoded_tokens"], 3,
+        "the first of 4 tokens is the prefill's"
+    );
+    assert!(report["peak_rss_bytes"].as_u64().is_some_and(|v| v > 0));
+}

@@ -37,6 +37,21 @@ enum Command {
     Convert(ConvertArgs),
     /// Write a bundle with random weights and a model's shapes (for benchmarks).
     Synth(SynthArgs),
+    /// Measure load time, time to first token, prefill and decode speed, peak memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -135,6 +150,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize(args),
         Command::Convert(args) => convert(args),
         Command::Synth(args) => synth(args),
+        Command::Bench(args) => bench(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -277,5 +293,76 @@ fn synth(args: SynthArgs) -> Result<()> {
         progress,
     )?;
     report(&summary, started);
+    Ok(())
+}
+
+/// Peak resident memory of this process so far (Linux), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    let (model, tokenizer) = load(&args.model)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let load_peak_rss = peak_rss();
+    let config = model.config().clone();
+    let prompt_tokens = args
+        .prompt_tokens
+        .clamp(1, config.max_position_embeddings - 1);
+    let gen_tokens = args
+        .gen_tokens
+        .min(config.max_position_embeddings - prompt_tokens);
+    // Synthetic prompt: speed does not depend on the token values.
+    let prompt: Vec<u32> = (0..prompt_tokens)
+        .map(|i| (i * 7919 % 50000) as u32)
+        .collect();
+    let params = SamplingParams {
+        max_tokens: gen_tokens,
+        ..SamplingParams::default()
+    };
+    // Warm-up: compiles every kernel (WGSL compilation costs seconds on first use).
+    let mut warm = Session::new(
+        &model,
+        prompt[..prompt_tokens.min(8)].to_vec(),
+        params.clone(),
+    )?;
+    for _ in 0..2 {
+        block_on(warm.next(&model, &tokenizer))?;
+    }
+    drop(warm); // its KV cache would count twice in the peak memory
+    let mut session = Session::new(&model, prompt, params)?;
+    let first = Instant::now();
+    block_on(session.next(&model, &tokenizer))?;
+    let ttft_s = first.elapsed().as_secs_f64();
+    let decode_start = Instant::now();
+    let mut decoded = 0usize;
+    while block_on(session.next(&model, &tokenizer))?.is_some() {
+        decoded += 1;
+    }
+    let decode_s = decode_start.elapsed().as_secs_f64();
+    let decode_tps = decoded as f64 / decode_s.max(1e-9);
+    let weight_bytes = phi2_web::weights::bundle::linear_weight_bytes(&config);
+    let report = json!({
+        "backend": args.model.backend.name(),
+        "model": args.model.model.display().to_string(),
+        "load_s": load_s,
+        "prompt_tokens": prompt_tokens,
+        "time_to_first_token_s": ttft_s,
+        "prefill_tokens_per_s": prompt_tokens as f64 / ttft_s,
+        "decoded_tokens": decoded,
+        "decode_tokens_per_s": decode_tps,
+        "decode_effective_gb_per_s": weight_bytes as f64 * decode_tps / 1e9,
+        "load_peak_rss_bytes": load_peak_rss,
+        "peak_rss_bytes": peak_rss(),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+    }
     Ok(())
 }

@@ -196,6 +196,16 @@ impl Manifest {
     }
 }
 
+/// Bytes of 4-bit weights a decoded token reads: every linear weight once (the embedding
+/// table is looked up row by row, not read whole).
+pub fn linear_weight_bytes(config: &PhiConfig) -> u64 {
+    Slot::all(config)
+        .into_iter()
+        .filter(|s| s.is_linear_weight())
+        .map(|s| stored_size(TensorDtype::Q4, &s.shape(config)))
+        .sum()
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
