@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use safetensors::SafeTensors;
 
 use super::bundle::{ChunkWriter, Manifest, TensorBytes, FORMAT, MANIFEST, QUANTIZATION, VERSION};
-use super::names::{target, Slot, Target};
+use super::names::{target, Slot};
 use super::safetensors::{check_shape, shard_files, to_f32};
 use crate::config::PhiConfig;
 use crate::error::{Error, Result};
@@ -170,29 +170,12 @@ pub fn convert_hf(
     for (shard, tensors) in parsed.iter().enumerate() {
         let file = dir.join(&shards[shard]).display().to_string();
         for name in tensors.names() {
-            let entries: Vec<(Slot, Option<usize>)> = match target(name, &config) {
-                None => {
-                    return Err(Error::UnexpectedTensor {
-                        name: name.to_string(),
-                        file,
-                    })
-                }
-                Some(Target::Ignored) => vec![],
-                Some(Target::One(slot)) => vec![(slot, None)],
-                Some(Target::FusedQkv { layer, bias }) => {
-                    use super::LayerParam::*;
-                    let params = if bias {
-                        [QBias, KBias, VBias]
-                    } else {
-                        [QWeight, KWeight, VWeight]
-                    };
-                    params
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, p)| (Slot::Layer(layer, p), Some(i)))
-                        .collect()
-                }
-            };
+            let entries = target(name, &config)
+                .ok_or_else(|| Error::UnexpectedTensor {
+                    name: name.to_string(),
+                    file: file.clone(),
+                })?
+                .slots();
             for (slot, qkv_part) in entries {
                 let previous = located.insert(
                     slot,
@@ -291,23 +274,7 @@ pub fn convert_gguf(
             file: label.clone(),
         };
         let hf = super::names::hf_name_of_gguf(&t.name).ok_or_else(unexpected)?;
-        let parts: Vec<(Slot, Option<usize>)> = match target(&hf, &config).ok_or_else(unexpected)? {
-            Target::Ignored => vec![],
-            Target::One(slot) => vec![(slot, None)],
-            Target::FusedQkv { layer, bias } => {
-                use super::LayerParam::*;
-                let params = if bias {
-                    [QBias, KBias, VBias]
-                } else {
-                    [QWeight, KWeight, VWeight]
-                };
-                params
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, p)| (Slot::Layer(layer, p), Some(i)))
-                    .collect()
-            }
-        };
+        let parts = target(&hf, &config).ok_or_else(unexpected)?.slots();
         for (slot, part) in parts {
             if located.insert(slot, (index, part)).is_some() {
                 return Err(Error::format(

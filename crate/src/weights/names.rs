@@ -159,6 +159,29 @@ pub enum Target {
     Ignored,
 }
 
+impl Target {
+    /// The parameters this tensor feeds, each with its third of a fused q/k/v tensor.
+    pub fn slots(&self) -> Vec<(Slot, Option<usize>)> {
+        match *self {
+            Target::Ignored => vec![],
+            Target::One(slot) => vec![(slot, None)],
+            Target::FusedQkv { layer, bias } => {
+                use LayerParam::*;
+                let params = if bias {
+                    [QBias, KBias, VBias]
+                } else {
+                    [QWeight, KWeight, VWeight]
+                };
+                params
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| (Slot::Layer(layer, p), Some(i)))
+                    .collect()
+            }
+        }
+    }
+}
+
 /// Maps a checkpoint name to its target; `None` for a name that is not part of a Phi model.
 pub fn target(name: &str, config: &PhiConfig) -> Option<Target> {
     if name.ends_with("rotary_emb.inv_freq") {

@@ -10,7 +10,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use super::names::{target, LayerParam, Slot, Target};
+use super::names::{target, Slot};
 use crate::config::PhiConfig;
 use crate::error::{Error, Result};
 use crate::kernels::Q4Weight;
@@ -61,41 +61,24 @@ impl WeightAssembler {
             let view = tensors
                 .tensor(name)
                 .map_err(|e| Error::format(file, format!("tensor `{name}`: {e}")))?;
-            match target(name, &self.config) {
-                None => {
-                    return Err(Error::UnexpectedTensor {
-                        name: name.to_string(),
-                        file: file.to_string(),
-                    })
-                }
-                Some(Target::Ignored) => {}
-                Some(Target::One(slot)) => {
-                    let expected = slot.shape(&self.config);
-                    check_shape(name, view.shape(), &expected, file)?;
-                    let values = to_f32(name, view.dtype(), view.data(), file)?;
-                    self.insert(slot, host_layout(slot, expected, values), file)?;
-                }
-                Some(Target::FusedQkv { layer, bias }) => {
-                    let h = self.config.hidden_size;
-                    let expected = if bias { vec![3 * h] } else { vec![3 * h, h] };
-                    check_shape(name, view.shape(), &expected, file)?;
-                    let values = to_f32(name, view.dtype(), view.data(), file)?;
-                    let part_len = values.len() / 3;
-                    let params = if bias {
-                        [LayerParam::QBias, LayerParam::KBias, LayerParam::VBias]
-                    } else {
-                        [
-                            LayerParam::QWeight,
-                            LayerParam::KWeight,
-                            LayerParam::VWeight,
-                        ]
-                    };
-                    for (part, param) in values.chunks_exact(part_len).zip(params) {
-                        let slot = Slot::Layer(layer, param);
-                        let shape = slot.shape(&self.config);
-                        self.insert(slot, host_layout(slot, shape, part.to_vec()), file)?;
-                    }
-                }
+            let slots = target(name, &self.config)
+                .ok_or_else(|| Error::UnexpectedTensor {
+                    name: name.to_string(),
+                    file: file.to_string(),
+                })?
+                .slots();
+            let Some(&(first, _)) = slots.first() else {
+                continue; // a buffer the model recomputes
+            };
+            // A fused q/k/v tensor stacks its three parts along the output rows.
+            let mut expected = first.shape(&self.config);
+            expected[0] *= slots.len();
+            check_shape(name, view.shape(), &expected, file)?;
+            let values = to_f32(name, view.dtype(), view.data(), file)?;
+            let part_len = values.len() / slots.len();
+            for (&(slot, _), part) in slots.iter().zip(values.chunks_exact(part_len)) {
+                let shape = slot.shape(&self.config);
+                self.insert(slot, host_layout(slot, shape, part.to_vec()), file)?;
             }
         }
         Ok(())
