@@ -208,6 +208,7 @@ pub fn convert_hf(
         }
         check_shape(&at.name, view.shape(), &expected, &file)?;
         let all = to_f32(&at.name, view.dtype(), view.data(), &file)?;
+        release_pages(&maps[at.shard], view.data());
         Ok(SlotData::Values(match at.qkv_part {
             None => all,
             Some(part) => {
@@ -217,6 +218,18 @@ pub fn convert_hf(
         }))
     };
     write_bundle(&config, &tokenizer, out, chunk_bytes, values, progress)
+}
+
+/// Drops a converted tensor's pages from this process's memory: a mapped checkpoint would
+/// otherwise stay resident as it is read, and peak memory would grow to the whole checkpoint.
+/// The pages stay in the page cache and are read again if needed.
+fn release_pages(map: &memmap2::Mmap, bytes: &[u8]) {
+    let offset = bytes.as_ptr() as usize - map.as_ptr() as usize;
+    // SAFETY: the mapping is read-only and file-backed, so dropped pages are simply re-read
+    // from the file on the next access; nothing written is lost.
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len())
+    };
 }
 
 /// A bundle with random weights of a model's shapes: load and speed benchmarks do not depend
