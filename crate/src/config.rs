@@ -141,6 +141,8 @@ impl PhiConfig {
     }
 
     /// Checks the relations between fields that the model code relies on.
+    // `!(x > 0.0)` on purpose: NaN must fail these checks too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         let positive = [
             ("vocab_size", self.vocab_size),
@@ -155,7 +157,7 @@ impl PhiConfig {
                 return Err(Error::config(field, "must be greater than 0"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::config(
                 "num_attention_heads",
                 format!(
@@ -171,7 +173,7 @@ impl PhiConfig {
             ));
         }
         let rotary = self.rotary_dim();
-        if rotary == 0 || rotary % 2 != 0 {
+        if rotary == 0 || !rotary.is_multiple_of(2) {
             return Err(Error::config(
                 "partial_rotary_factor",
                 format!(

@@ -15,6 +15,7 @@ use crate::quant::{padded_cols, Q4Matrix, BLOCK};
 const WORKGROUP: u32 = 64;
 
 /// A 4-bit weight `[rows = out features, cols = in features]` where the model runs.
+#[allow(clippy::large_enum_variant)] // a few per model, not worth a box
 pub enum Q4Weight {
     /// Codes and f16-pair scale words as u32 tensors on a GPU device.
     Device {
@@ -145,7 +146,7 @@ mod shader {
             let row = index % rows;
             let x_row = token * x.stride(0);
             let x_col = x.stride(1);
-            let words_per_row = (cols + 31) / 32 * 4;
+            let words_per_row = cols.div_ceil(32) * 4;
             let mut acc = f32::new(0.0);
             let mut word = 0usize;
             while word < words_per_row {

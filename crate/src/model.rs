@@ -19,6 +19,7 @@ use crate::weights::{LayerParam, Slot};
 const MASKED: f32 = -1.0e9;
 
 /// A linear layer `y = x·W + b`, its weight either f32 or 4-bit packed.
+#[allow(clippy::large_enum_variant)] // a few per model, not worth a box
 pub enum Linear {
     /// `weight`: `[in, out]`
     Dense {
@@ -44,6 +45,7 @@ impl Linear {
 
 /// The token embedding table. A 4-bit table stays in host memory: a step needs only its
 /// few rows, dequantized on the CPU and uploaded.
+#[allow(clippy::large_enum_variant)] // a few per model, not worth a box
 pub enum Embedding {
     Dense(Tensor<2>),
     Q4(Arc<Q4Matrix>),

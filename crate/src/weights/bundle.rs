@@ -453,8 +453,10 @@ mod tests {
         }
     }
 
+    type NamedBytes = Vec<(String, Vec<u8>)>;
+
     /// A manifest and its chunks with every tensor filled with a counter pattern.
-    fn tiny_bundle(chunk_bytes: u64) -> (Manifest, Vec<Vec<u8>>, Vec<(String, Vec<u8>)>) {
+    fn tiny_bundle(chunk_bytes: u64) -> (Manifest, Vec<Vec<u8>>, NamedBytes) {
         let config = tiny_config();
         let mut chunks = Vec::new();
         let mut tensors_bytes = Vec::new();

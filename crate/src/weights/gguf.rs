@@ -447,7 +447,7 @@ impl<'a> Gguf<'a> {
         for (id, token) in tokens.iter().enumerate() {
             // ggml token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
             match types.get(id).copied().unwrap_or(1) {
-                3 | 4 | 5 => {
+                3..=5 => {
                     let special = types[id] != 4;
                     if special {
                         vocab.insert(token.to_string(), json!(id));

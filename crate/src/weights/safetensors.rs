@@ -25,6 +25,7 @@ pub struct HostTensor {
 }
 
 /// A parameter where the model will use it.
+#[allow(clippy::large_enum_variant)] // a few per model, not worth a box
 enum Stored {
     Dense(Tensor<1>),
     Q4Linear(Q4Weight),
