@@ -308,46 +308,40 @@ async function onLoad() {
   }
 }
 
-async function onGenerate() {
-  if (state.busy) return;
+/** Loads the model, generates with the options `readOptionsFor(model)` gives, and reports the
+ *  result in #result and the status line. Shared by the Generate button and ?autorun=1. */
+async function loadGenerateAndReport(readOptionsFor, label, failure) {
   setBusy(true);
   clearResult();
   try {
     const model = await loadModel(ui.modelUrl.value, ui.backend.value);
-    const options = readOptions();
-    setStatus(`Generating on ${model.backendName()}…`);
+    const options = readOptionsFor(model);
+    setStatus(`Generating on ${model.backendName()}${label}…`);
     const r = await generate(model, ui.prompt.value, options);
     writeResult({ promptIds: r.promptIds, generatedIds: r.generatedIds, text: r.text, backend: r.backend });
     setStatus(`Done (${r.generatedIds.length} tokens, ${r.stopReason ?? 'finished'}).`, 'ok');
   } catch (e) {
     const msg = errorMessage(e);
-    setStatus(`Generation failed: ${msg}`, 'error');
+    setStatus(`${failure}: ${msg}`, 'error');
     writeResult({ error: msg }, true);
   } finally {
     setBusy(false);
   }
 }
 
+async function onGenerate() {
+  if (state.busy) return;
+  await loadGenerateAndReport(() => readOptions(), '', 'Generation failed');
+}
+
 /** ?autorun=1: load + greedy generate from the query parameters, result into #result. */
 async function autorun(params) {
-  setBusy(true);
-  clearResult();
-  try {
-    const model = await loadModel(ui.modelUrl.value, ui.backend.value);
+  await loadGenerateAndReport(() => {
     const options = { maxTokens: Number(ui.maxTokens.value), temperature: Number(params.get('temperature') ?? 0) };
     if (!Number.isFinite(options.maxTokens)) throw new Error(`max: '${ui.maxTokens.value}' is not a number`);
     if (!Number.isFinite(options.temperature)) throw new Error(`temperature: '${params.get('temperature')}' is not a number`);
-    setStatus(`Generating on ${model.backendName()} (autorun)…`);
-    const r = await generate(model, ui.prompt.value, options);
-    writeResult({ promptIds: r.promptIds, generatedIds: r.generatedIds, text: r.text, backend: r.backend });
-    setStatus(`Done (${r.generatedIds.length} tokens, ${r.stopReason ?? 'finished'}).`, 'ok');
-  } catch (e) {
-    const msg = errorMessage(e);
-    setStatus(`Autorun failed: ${msg}`, 'error');
-    writeResult({ error: msg }, true);
-  } finally {
-    setBusy(false);
-  }
+    return options;
+  }, ' (autorun)', 'Autorun failed');
 }
 
 // Errors that escape everything else (e.g. a panic inside a wasm callback): show them, and in
