@@ -6,6 +6,11 @@ gguf-py (PyPI `gguf`, tested with 0.19.0):
 
     /tmp/pyenv/bin/python scripts/make_gguf_fixtures.py            # writes tests/fixtures/gguf/*
     /tmp/pyenv/bin/python scripts/make_gguf_fixtures.py --verify   # also re-reads and prints them
+    /tmp/pyenv/bin/python scripts/make_gguf_fixtures.py --logits   # only phi-80-q4_0.logits.json
+
+--logits also needs torch and transformers (5.x; made with 5.24.0, torch 2.15.0) and
+tests/fixtures/phi-80/reference.json; it reads the phi-80-q4_0.gguf on disk and writes nothing
+else, so rerun it whenever that file is regenerated.
 
 Needs tests/fixtures/phi-80/{model.safetensors,config.json} (scripts/make_fixtures.py) and
 crate/assets/tokenizer.json (scripts/build_tokenizer.py). Output is deterministic: running it
@@ -30,6 +35,14 @@ Files written:
                               dequantized values again gives identical bytes; information only).
                               Plus "metadata": every key with its GGUF value-type code and value
                               (arrays: element type, length, first/last few items).
+  phi-80-q4_0.logits.json     (--logits) what transformers' PhiForCausalLM (float32, eager)
+                              computes with every weight replaced by gguf-py's dequantization of
+                              the GGUF tensor (attn_qkv split into q/k/v rows; token_embd, Q8_0,
+                              requantized to Q4_0 first since the bundle stores it 4-bit): the
+                              4-bit bundle's expected outputs. {"generator", "note", ...,
+                              "cases": [{"ids", "last_logits", "greedy_ids",
+                              "greedy_min_margin"}]}, ids and greedy lengths from
+                              tests/fixtures/phi-80/reference.json.
   kquants.gguf                general.architecture = "kquant-test"; tensors made from random raw
                               block bytes (numpy default_rng(SEED)) with the f16 scale fields forced
                               to finite values in [0.001, 0.1]: q4_k Q4_K [3, 512], q5_k Q5_K
@@ -60,6 +73,7 @@ TOKENIZER = os.path.join(ROOT, "crate", "assets", "tokenizer.json")
 OUT_DIR = os.path.join(ROOT, "tests", "fixtures", "gguf")
 
 PHI_GGUF = "phi-80-q4_0.gguf"
+PHI_LOGITS = "phi-80-q4_0.logits.json"
 KQ_GGUF = "kquants.gguf"
 SEED = 20240613
 FUSED_QKV_LAYERS = {0}
@@ -225,11 +239,57 @@ def load_vocab():
     return tokens, types, merges
 
 
-def make_phi(out_path: str, ref_path: str) -> None:
+def load_hf():
     with open(os.path.join(HF_DIR, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     hf = load_file(os.path.join(HF_DIR, "model.safetensors"))
     hf = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in hf.items()}
+    return cfg, hf
+
+
+def phi_plan(cfg: dict, hf: dict) -> list:
+    """What phi-80-q4_0.gguf holds, in file order: (gguf name, qtype, float32 array, hf source
+    names). A fused attn_qkv has three sources, its rows concatenated in that order."""
+    plan = []
+
+    def lin(gname, hname, qt=QT.Q4_0):
+        plan.append((gname + ".weight", qt, hf[hname + ".weight"], [hname + ".weight"]))
+        plan.append((gname + ".bias", QT.F32, hf[hname + ".bias"], [hname + ".bias"]))
+
+    def norm(gname, hname):
+        plan.append((gname + ".weight", QT.F32, hf[hname + ".weight"], [hname + ".weight"]))
+        plan.append((gname + ".bias", QT.F32, hf[hname + ".bias"], [hname + ".bias"]))
+
+    plan.append(("token_embd.weight", QT.Q8_0, hf["model.embed_tokens.weight"],
+                 ["model.embed_tokens.weight"]))
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        norm(f"blk.{i}.attn_norm", f"{p}.input_layernorm")
+        if i in FUSED_QKV_LAYERS:
+            names = [f"{p}.self_attn.{x}_proj" for x in ("q", "k", "v")]
+            plan.append((f"blk.{i}.attn_qkv.weight", QT.Q4_0,
+                         np.concatenate([hf[n + ".weight"] for n in names], axis=0),
+                         [n + ".weight" for n in names]))
+            plan.append((f"blk.{i}.attn_qkv.bias", QT.F32,
+                         np.concatenate([hf[n + ".bias"] for n in names], axis=0),
+                         [n + ".bias" for n in names]))
+        else:
+            lin(f"blk.{i}.attn_q", f"{p}.self_attn.q_proj")
+            lin(f"blk.{i}.attn_k", f"{p}.self_attn.k_proj")
+            lin(f"blk.{i}.attn_v", f"{p}.self_attn.v_proj")
+        lin(f"blk.{i}.attn_output", f"{p}.self_attn.dense")
+        lin(f"blk.{i}.ffn_up", f"{p}.mlp.fc1")
+        lin(f"blk.{i}.ffn_down", f"{p}.mlp.fc2")
+    norm("output_norm", "model.final_layernorm")
+    lin("output", "lm_head")
+
+    used = {n for _, _, _, srcs in plan for n in srcs}
+    assert used == set(hf), sorted(set(hf) ^ used)
+    return plan
+
+
+def make_phi(out_path: str, ref_path: str) -> None:
+    cfg, hf = load_hf()
 
     n_embd = cfg["hidden_size"]
     n_head = cfg["num_attention_heads"]
@@ -270,43 +330,7 @@ def make_phi(out_path: str, ref_path: str) -> None:
     w.add_unk_token_id(EOT_ID)
     w.add_add_bos_token(False)
 
-    # (gguf name, qtype, float32 array, hf source names)
-    plan = []
-
-    def lin(gname, hname, qt=QT.Q4_0):
-        plan.append((gname + ".weight", qt, hf[hname + ".weight"], [hname + ".weight"]))
-        plan.append((gname + ".bias", QT.F32, hf[hname + ".bias"], [hname + ".bias"]))
-
-    def norm(gname, hname):
-        plan.append((gname + ".weight", QT.F32, hf[hname + ".weight"], [hname + ".weight"]))
-        plan.append((gname + ".bias", QT.F32, hf[hname + ".bias"], [hname + ".bias"]))
-
-    plan.append(("token_embd.weight", QT.Q8_0, hf["model.embed_tokens.weight"],
-                 ["model.embed_tokens.weight"]))
-    for i in range(n_layer):
-        p = f"model.layers.{i}"
-        norm(f"blk.{i}.attn_norm", f"{p}.input_layernorm")
-        if i in FUSED_QKV_LAYERS:
-            names = [f"{p}.self_attn.{x}_proj" for x in ("q", "k", "v")]
-            plan.append((f"blk.{i}.attn_qkv.weight", QT.Q4_0,
-                         np.concatenate([hf[n + ".weight"] for n in names], axis=0),
-                         [n + ".weight" for n in names]))
-            plan.append((f"blk.{i}.attn_qkv.bias", QT.F32,
-                         np.concatenate([hf[n + ".bias"] for n in names], axis=0),
-                         [n + ".bias" for n in names]))
-        else:
-            lin(f"blk.{i}.attn_q", f"{p}.self_attn.q_proj")
-            lin(f"blk.{i}.attn_k", f"{p}.self_attn.k_proj")
-            lin(f"blk.{i}.attn_v", f"{p}.self_attn.v_proj")
-        lin(f"blk.{i}.attn_output", f"{p}.self_attn.dense")
-        lin(f"blk.{i}.ffn_up", f"{p}.mlp.fc1")
-        lin(f"blk.{i}.ffn_down", f"{p}.mlp.fc2")
-    norm("output_norm", "model.final_layernorm")
-    lin("output", "lm_head")
-
-    used = {n for _, _, _, srcs in plan for n in srcs}
-    assert used == set(hf), sorted(set(hf) ^ used)
-
+    plan = phi_plan(cfg, hf)
     for gname, qt, arr, _ in plan:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if qt == QT.F32:
@@ -351,6 +375,121 @@ def make_phi(out_path: str, ref_path: str) -> None:
     }
     with open(ref_path, "w", encoding="utf-8") as f:
         json.dump(ref, f, indent=1)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- A2: q4 logits
+
+def phi_dequantized_state(gguf_path: str, cfg: dict, hf: dict) -> tuple[dict, list]:
+    """HF-named float32 arrays of what the bundle converted from gguf_path computes with:
+    gguf-py's dequantized values, split back per phi_plan (fused attn_qkv rows: q, k, v).
+    Tensors the bundle stores 4-bit but the GGUF holds as another type (token_embd, Q8_0)
+    are Q4_0-requantized from the dequantized values first, as the converter does.
+    Returns (state, names of the requantized HF tensors)."""
+    plan = phi_plan(cfg, hf)
+    r = gguf.GGUFReader(gguf_path)
+    assert [t.name for t in r.tensors] == [p[0] for p in plan]
+    state, requantized = {}, []
+    for (gname, qt, arr, srcs), t in zip(plan, r.tensors):
+        assert QT(int(t.tensor_type)) == qt, (gname, t.tensor_type)
+        _, deq = tensor_reference(t)
+        assert deq.shape == arr.shape, (gname, deq.shape, arr.shape)
+        if deq.ndim == 2 and qt != QT.Q4_0:
+            assert gname == "token_embd.weight", gname  # the only non-Q4_0 matrix
+            cols = deq.shape[1]
+            deq = gguf.quants.dequantize(quant_bytes(deq, QT.Q4_0), QT.Q4_0)
+            deq = deq.astype(np.float32, copy=False).reshape(-1, cols)
+            requantized += srcs
+        rows = np.cumsum([hf[n].shape[0] for n in srcs])[:-1]
+        for name, part in zip(srcs, np.split(deq, rows, axis=0)):
+            assert part.shape == hf[name].shape, (name, part.shape)
+            state[name] = np.ascontiguousarray(part)
+    assert set(state) == set(hf)
+    return state, requantized
+
+
+def make_phi_logits(gguf_path: str, out_path: str) -> None:
+    """transformers' PhiForCausalLM (float32, eager attention) on the weights of
+    phi_dequantized_state, for the cases of tests/fixtures/phi-80/reference.json."""
+    import torch
+    import transformers
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+
+    cfg, hf = load_hf()
+    state, requantized = phi_dequantized_state(gguf_path, cfg, hf)
+    with open(os.path.join(HF_DIR, "reference.json"), encoding="utf-8") as f:
+        hf_ref = json.load(f)
+
+    def model_with(weights):
+        config = PhiConfig.from_pretrained(HF_DIR)
+        config._attn_implementation = "eager"
+        model = PhiForCausalLM(config)
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()},
+                              strict=True)
+        return model.to(torch.float32).eval()
+
+    def r7(values):
+        return [float(f"{x:.7g}") for x in values.tolist()]
+
+    float_model, model = model_with(hf), model_with(state)
+    eos = model.config.eos_token_id
+    cases = []
+    with torch.no_grad():
+        for ref_case in hf_ref["cases"]:
+            ids = ref_case["ids"]
+            n_new = len(ref_case["greedy_ids"])
+            x = torch.tensor([ids])
+            # The loading path is right: the float weights give transformers' own reference.
+            float_logits = float_model(x).logits[0, -1]
+            check = float(np.max(np.abs(float_logits.numpy() - ref_case["last_logits"])))
+            assert check < 1e-4, f"float model vs phi-80 reference: {check}"
+            out = model.generate(
+                x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n_new,
+                min_new_tokens=0, eos_token_id=None, pad_token_id=0, use_cache=True,
+            )
+            seq = out[0].tolist()
+            greedy = seq[len(ids):]
+            assert len(greedy) == n_new, "generate stopped early"
+            # Every step again without a KV cache: same argmax, and the top1 - top2 margins.
+            full = model(torch.tensor([seq])).logits[0]
+            top2 = full[len(ids) - 1:len(seq) - 1].topk(2, dim=-1)
+            assert top2.indices[:, 0].tolist() == greedy, "generate() and a full forward disagree"
+            margin = (top2.values[:, 0] - top2.values[:, 1]).min().item()
+            last = full[len(ids) - 1]
+            drift = float((last - float_logits).abs().max())
+            print(f"  ids={len(ids)}: max |logit| {float(last.abs().max()):.4g}, "
+                  f"q4 vs float max |Δ| {drift:.4g}, greedy min margin {margin:.4g}, "
+                  f"greedy == float greedy: {greedy == ref_case['greedy_ids']}"
+                  + (f", EOS {eos} in greedy" if eos in greedy else ""))
+            cases.append({
+                "ids": ids,
+                "last_logits": r7(last),
+                "greedy_ids": greedy,
+                "greedy_min_margin": float(f"{margin:.7g}"),
+            })
+
+    ref = {
+        "generator": "scripts/make_gguf_fixtures.py --logits",
+        "generated_by": f"transformers {transformers.__version__}, torch {torch.__version__}, "
+                        f"gguf-py {gguf_version()}",
+        "gguf": PHI_GGUF,
+        "hf_fixture": "tests/fixtures/phi-80",
+        "eos_token_id": eos,
+        "requantized_q4_0": requantized,
+        "note": "transformers PhiForCausalLM (float32, eager attention) with every weight "
+                "replaced by gguf-py's dequantized GGUF tensor (GGUFReader + "
+                "gguf.quants.dequantize; fused blk.0.attn_qkv split into q, k, v rows). The "
+                "tensors in requantized_q4_0 (not Q4_0 in the GGUF, 4-bit in our bundle) were "
+                "first Q4_0-quantized with gguf.quants.quantize, as the converter does. Cases "
+                "(ids, greedy length) are those of tests/fixtures/phi-80/reference.json; greedy "
+                "decoding ignores EOS; greedy_min_margin = min over steps of top1 - top2 logit.",
+        "cases": cases,
+    }
+    with open(out_path, "w", encoding="utf-8", newline="\n") as f:
+        json.dump(ref, f, ensure_ascii=False, separators=(",", ":"))
         f.write("\n")
 
 
@@ -466,11 +605,19 @@ def gguf_version() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--verify", action="store_true", help="re-read and print the written files")
+    ap.add_argument("--logits", action="store_true",
+                    help=f"only write {PHI_LOGITS} from the {PHI_GGUF} on disk "
+                         "(needs torch and transformers too)")
     args = ap.parse_args()
     assert sys.byteorder == "little"
     os.makedirs(OUT_DIR, exist_ok=True)
     phi = os.path.join(OUT_DIR, PHI_GGUF)
     kq = os.path.join(OUT_DIR, KQ_GGUF)
+    if args.logits:
+        out = os.path.join(OUT_DIR, PHI_LOGITS)
+        make_phi_logits(phi, out)
+        print(f"wrote {os.path.relpath(out, ROOT)} ({os.path.getsize(out)} bytes)")
+        return 0
     make_phi(phi, os.path.join(OUT_DIR, "phi-80-q4_0.reference.json"))
     make_kquants(kq, os.path.join(OUT_DIR, "kquants.reference.json"))
     for p in (phi, kq):

@@ -13,6 +13,15 @@ pub enum Error {
     #[error("{file}: {message}")]
     Format { file: String, message: String },
 
+    /// A chunk whose bytes are not what the manifest promises (size or sha256): fetching it
+    /// again may help, unlike a format error.
+    #[error("{location}: {message}")]
+    Integrity {
+        location: String,
+        chunk: usize,
+        message: String,
+    },
+
     #[error("tensor `{name}`: expected shape {expected:?}, found {found:?} (in {file})")]
     TensorShape {
         name: String,
@@ -38,6 +47,9 @@ pub enum Error {
 
     #[error("option `{option}`: {message}")]
     InvalidOption { option: String, message: String },
+
+    #[error("tensor `{tensor}` needs a {bytes}-byte buffer; this device allows at most {limit} bytes")]
+    BufferLimit { tensor: String, bytes: u64, limit: u64 },
 
     #[error("device: {0}")]
     Device(String),
@@ -67,6 +79,43 @@ impl Error {
         Error::Format {
             file: file.into(),
             message: message.into(),
+        }
+    }
+
+    /// A stable name for the kind of error, used as the JS error's `name`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "LoadError",
+            Error::Integrity { .. } => "IntegrityError",
+            Error::Config { .. }
+            | Error::Format { .. }
+            | Error::TensorShape { .. }
+            | Error::MissingTensor { .. }
+            | Error::UnexpectedTensor { .. }
+            | Error::Tokenizer(_) => "FormatError",
+            Error::PromptTooLong { .. } | Error::InvalidOption { .. } => "OptionError",
+            Error::Device(_) | Error::BufferLimit { .. } => "DeviceError",
+            Error::State(_) => "StateError",
+        }
+    }
+
+    /// What the error is about — file, field, tensor, chunk or option — as key/value pairs.
+    pub fn details(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Error::Io { path, .. } => vec![("file", path.clone())],
+            Error::Integrity {
+                location, chunk, ..
+            } => vec![("file", location.clone()), ("chunk", chunk.to_string())],
+            Error::Config { field, .. } => vec![("file", "config.json".into()), ("field", field.clone())],
+            Error::Format { file, .. } => vec![("file", file.clone())],
+            Error::TensorShape { name, file, .. } | Error::UnexpectedTensor { name, file } => {
+                vec![("tensor", name.clone()), ("file", file.clone())]
+            }
+            Error::MissingTensor { name } => vec![("tensor", name.clone())],
+            Error::BufferLimit { tensor, .. } => vec![("tensor", tensor.clone())],
+            Error::PromptTooLong { .. } => vec![("option", "prompt".into())],
+            Error::InvalidOption { option, .. } => vec![("option", option.clone())],
+            Error::Tokenizer(_) | Error::Device(_) | Error::State(_) => Vec::new(),
         }
     }
 

@@ -5,19 +5,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixture, max_abs_diff, reference, BACKENDS};
+use common::{fixture, max_abs_diff, reference, Scratch, BACKENDS};
 use phi2_web::kernels::Q4Weight;
 use phi2_web::quant::Q4Matrix;
 use phi2_web::weights::bundle::{decode, ChunkStream, Manifest, TensorBytes, MANIFEST};
 use phi2_web::weights::convert::convert_hf;
 use phi2_web::weights::{host_layout, load_dir, names, HostTensor, WeightAssembler};
 use phi2_web::{block_on, BackendKind, Phi, SamplingParams, Session};
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("phi2-web-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
 
 fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
     let mut state = seed
@@ -79,16 +73,16 @@ fn dequantized_model(bundle: &Path, backend: BackendKind) -> Phi {
     let manifest =
         Manifest::parse(&std::fs::read_to_string(bundle.join(MANIFEST)).unwrap()).unwrap();
     let mut assembler = WeightAssembler::new(manifest.config.clone(), device.clone());
-    let mut stream = ChunkStream::new(&manifest);
+    let mut stream = ChunkStream::new(manifest.clone());
     for (i, chunk) in manifest.chunks.iter().enumerate() {
         let bytes = std::fs::read(bundle.join(&chunk.file)).unwrap();
         stream
-            .push(i, &bytes, &chunk.file, |entry, bytes| {
+            .push(i, &bytes, &chunk.file, |entry, words| {
                 let Some(names::Target::One(slot)) = names::target(&entry.name, &manifest.config)
                 else {
                     panic!("{}", entry.name)
                 };
-                let values = match decode(entry, bytes) {
+                let values = match decode(entry, words) {
                     TensorBytes::Q4(m) => m.dequantize(),
                     TensorBytes::F32(v) => v,
                 };
@@ -103,7 +97,7 @@ fn dequantized_model(bundle: &Path, backend: BackendKind) -> Phi {
 #[test]
 fn converted_bundles_run_like_their_dequantized_weights() {
     for fixture_name in ["phi-80", "phi-tok", "phi-80-old"] {
-        let out = scratch(&format!("bundle-{fixture_name}"));
+        let out = Scratch::new(&format!("bundle-{fixture_name}"));
         // Small chunks so tensors straddle chunk boundaries.
         let summary = convert_hf(&fixture(fixture_name), &out, 100_000, |_, _| {}).unwrap();
         assert!(summary.chunks > 1);
@@ -140,13 +134,13 @@ fn converted_bundles_run_like_their_dequantized_weights() {
 
 #[test]
 fn conversion_never_leaves_a_bundle_that_looks_complete() {
-    let out = scratch("bundle-exists");
+    let out = Scratch::new("bundle-exists");
     std::fs::create_dir_all(&out).unwrap();
     let err = convert_hf(&fixture("phi-80"), &out, 1 << 20, |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
 
     // A checkpoint missing a tensor fails and leaves neither the bundle nor its partial copy.
-    let broken = scratch("bundle-broken-src");
+    let broken = Scratch::new("bundle-broken-src");
     std::fs::create_dir_all(&broken).unwrap();
     for file in ["config.json", "tokenizer.json"] {
         std::fs::copy(fixture("phi-tok").join(file), broken.join(file)).unwrap();
@@ -160,7 +154,7 @@ fn conversion_never_leaves_a_bundle_that_looks_complete() {
         broken.join(&first_shard),
     )
     .unwrap();
-    let out = scratch("bundle-broken-out");
+    let out = Scratch::new("bundle-broken-out");
     let err = convert_hf(&broken, &out, 1 << 20, |_, _| {}).unwrap_err();
     assert!(
         err.to_string().contains("model-00002-of-00002.safetensors"),
@@ -172,7 +166,7 @@ fn conversion_never_leaves_a_bundle_that_looks_complete() {
 
 #[test]
 fn corrupt_chunk_fails_the_load_naming_the_chunk() {
-    let out = scratch("bundle-corrupt");
+    let out = Scratch::new("bundle-corrupt");
     convert_hf(&fixture("phi-80"), &out, 100_000, |_, _| {}).unwrap();
     let chunk = out.join("chunk-00002.bin");
     let mut bytes = std::fs::read(&chunk).unwrap();

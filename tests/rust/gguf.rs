@@ -1,12 +1,13 @@
 //! GGUF import against gguf-py (scripts/make_gguf_fixtures.py): every block type dequantizes
-//! bit for bit as gguf-py does, Q4_0 carries into bundles losslessly, and HF → bundle and
-//! GGUF → bundle of the same weights agree.
+//! bit for bit as gguf-py does, Q4_0 carries into bundles losslessly, HF → bundle and
+//! GGUF → bundle of the same weights agree, and the 4-bit model computes what transformers
+//! computes on gguf-py's dequantized weights.
 
 mod common;
 
 use std::path::PathBuf;
 
-use common::{fixture, max_abs_diff};
+use common::{fixture, max_abs_diff, Reference, Scratch, BACKENDS};
 use phi2_web::weights::bundle::{decode, sha256_hex, ChunkStream, Manifest, TensorBytes, MANIFEST};
 use phi2_web::weights::convert::{convert_gguf, convert_hf};
 use phi2_web::weights::gguf::Gguf;
@@ -26,12 +27,6 @@ fn reference(name: &str) -> Value {
 fn f32_sha(values: &[f32]) -> String {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     sha256_hex(&bytes)
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("phi2-web-gguf-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 /// Every tensor of `file` dequantizes to exactly gguf-py's values.
@@ -69,7 +64,7 @@ fn another_architecture_is_refused_by_name() {
     let err = convert_gguf(
         &gguf_path("kquants.gguf"),
         None,
-        &scratch("arch"),
+        &Scratch::new("gguf-arch"),
         1 << 20,
         |_, _| {},
     )
@@ -81,16 +76,16 @@ fn another_architecture_is_refused_by_name() {
     );
 }
 
-/// The bundle's tensors, decoded, by name.
-fn bundle_tensors(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+/// The bundle's tensors as stored (little-endian words), by name.
+fn bundle_tensors(dir: &std::path::Path) -> Vec<(String, Vec<u32>)> {
     let manifest = Manifest::parse(&std::fs::read_to_string(dir.join(MANIFEST)).unwrap()).unwrap();
-    let mut stream = ChunkStream::new(&manifest);
+    let mut stream = ChunkStream::new(manifest.clone());
     let mut out = Vec::new();
     for (i, chunk) in manifest.chunks.iter().enumerate() {
         let bytes = std::fs::read(dir.join(&chunk.file)).unwrap();
         stream
-            .push(i, &bytes, &chunk.file, |entry, bytes| {
-                out.push((entry.name.clone(), bytes.to_vec()));
+            .push(i, &bytes, &chunk.file, |entry, words| {
+                out.push((entry.name.clone(), words));
                 Ok(())
             })
             .unwrap();
@@ -100,7 +95,7 @@ fn bundle_tensors(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn q4_0_carries_over_losslessly_and_agrees_with_the_hf_conversion() {
-    let from_gguf = scratch("from-gguf");
+    let from_gguf = Scratch::new("gguf-from-gguf");
     convert_gguf(
         &gguf_path("phi-80-q4_0.gguf"),
         None,
@@ -109,7 +104,7 @@ fn q4_0_carries_over_losslessly_and_agrees_with_the_hf_conversion() {
         |_, _| {},
     )
     .unwrap();
-    let from_hf = scratch("from-hf");
+    let from_hf = Scratch::new("gguf-from-hf");
     convert_hf(&fixture("phi-80"), &from_hf, 1 << 20, |_, _| {}).unwrap();
 
     // lm_head is Q4_0 in the GGUF: the bundle holds the same values bit for bit.
@@ -128,12 +123,13 @@ fn q4_0_carries_over_losslessly_and_agrees_with_the_hf_conversion() {
         .iter()
         .find(|t| t.name == "lm_head.weight")
         .unwrap();
-    let bytes = &gguf_tensors
+    let words = gguf_tensors
         .iter()
         .find(|(n, _)| n == "lm_head.weight")
         .unwrap()
-        .1;
-    let TensorBytes::Q4(matrix) = decode(entry, bytes) else {
+        .1
+        .clone();
+    let TensorBytes::Q4(matrix) = decode(entry, words) else {
         panic!("lm_head is q4")
     };
     assert_eq!(f32_sha(&matrix.dequantize()), output["sha256_f32le"]);
@@ -168,6 +164,56 @@ fn q4_0_carries_over_losslessly_and_agrees_with_the_hf_conversion() {
         diff < 0.05 * scale,
         "HF and GGUF bundles differ by {diff} (logits up to {scale})"
     );
+}
+
+/// The 4-bit bundle converted from the GGUF computes what transformers computes on gguf-py's
+/// dequantized weights (`make_gguf_fixtures.py --logits`; the Q8_0 embedding requantized to
+/// Q4_0 there as the converter does): logits and greedy ids, on both backends.
+#[test]
+fn q4_model_matches_transformers_on_dequantized_weights() {
+    const TOLERANCE: f32 = 1e-3;
+    let text = std::fs::read_to_string(gguf_path("phi-80-q4_0.logits.json")).unwrap();
+    let expected: Reference = serde_json::from_str(&text).unwrap();
+    let dir = Scratch::new("gguf-q4-logits");
+    convert_gguf(
+        &gguf_path("phi-80-q4_0.gguf"),
+        None,
+        &dir,
+        1 << 20,
+        |_, _| {},
+    )
+    .unwrap();
+    for backend in BACKENDS {
+        let device = block_on(backend.device()).unwrap();
+        let (model, tokenizer) = load_dir(&dir, &device).unwrap();
+        for case in &expected.cases {
+            let mut session =
+                Session::new(&model, case.ids.clone(), SamplingParams::default()).unwrap();
+            let logits = block_on(session.logits(&model)).unwrap();
+            let diff = max_abs_diff(&logits, &case.last_logits);
+            eprintln!(
+                "q4 {backend:?} ids={}: max |Δlogit| vs transformers = {diff:.2e}",
+                case.ids.len()
+            );
+            assert!(diff <= TOLERANCE, "{backend:?}: {diff} > {TOLERANCE}");
+
+            let params = SamplingParams {
+                max_tokens: case.greedy_ids.len(),
+                ..SamplingParams::default()
+            };
+            let mut session = Session::new(&model, case.ids.clone(), params).unwrap();
+            while block_on(session.next(&model, &tokenizer))
+                .unwrap()
+                .is_some()
+            {}
+            assert_eq!(
+                session.generated_ids(),
+                case.greedy_ids,
+                "{backend:?} ids={}",
+                case.ids.len()
+            );
+        }
+    }
 }
 
 #[test]

@@ -2,9 +2,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::fixture;
+use common::{fixture, Scratch};
 use phi2_web::weights::load_dir;
 use phi2_web::{block_on, BackendKind, Error};
 use safetensors::tensor::TensorView;
@@ -22,10 +22,9 @@ fn load_error(dir: &Path) -> Error {
 fn edited_phi80(
     test: &str,
     edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>),
-) -> PathBuf {
+) -> Scratch {
     let source = fixture("phi-80");
-    let dir = std::env::temp_dir().join(format!("phi2-web-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Scratch::new(test);
     std::fs::create_dir_all(&dir).unwrap();
     for file in ["config.json", "tokenizer.json"] {
         std::fs::copy(source.join(file), dir.join(file)).unwrap();
@@ -141,8 +140,7 @@ fn unsupported_dtype_is_named() {
 
 #[test]
 fn missing_shard_is_named() {
-    let dir = std::env::temp_dir().join(format!("phi2-web-shard-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Scratch::new("shard");
     std::fs::create_dir_all(&dir).unwrap();
     let source = fixture("phi-tok");
     for entry in std::fs::read_dir(&source).unwrap() {

@@ -220,11 +220,7 @@ pub enum TensorBytes {
 }
 
 /// Decodes one tensor's stored bytes (already length-checked by the stream).
-pub fn decode(entry: &TensorEntry, bytes: &[u8]) -> TensorBytes {
-    let words: Vec<u32> = bytes
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+pub fn decode(entry: &TensorEntry, words: Vec<u32>) -> TensorBytes {
     match entry.dtype {
         TensorDtype::F32 => TensorBytes::F32(words.into_iter().map(f32::from_bits).collect()),
         TensorDtype::Q4 => {
@@ -258,22 +254,58 @@ pub fn encode(tensor: &TensorBytes) -> Vec<u8> {
 }
 
 /// Feeds chunks, in order, and hands over each tensor as soon as its bytes are complete.
-pub struct ChunkStream<'m> {
-    manifest: &'m Manifest,
+pub struct ChunkStream {
+    manifest: Manifest,
     next_chunk: usize,
     next_tensor: usize,
     stream_offset: u64,
-    pending: Vec<u8>,
+    pending: WordBuffer,
 }
 
-impl<'m> ChunkStream<'m> {
-    pub fn new(manifest: &'m Manifest) -> Self {
+/// The little-endian words of one tensor, whose bytes may arrive split across chunks (even
+/// inside a word).
+#[derive(Default)]
+struct WordBuffer {
+    words: Vec<u32>,
+    carry: Vec<u8>,
+}
+
+impl WordBuffer {
+    fn extend(&mut self, mut bytes: &[u8]) {
+        if !self.carry.is_empty() {
+            let (head, rest) = bytes.split_at((4 - self.carry.len()).min(bytes.len()));
+            self.carry.extend_from_slice(head);
+            bytes = rest;
+            if self.carry.len() < 4 {
+                return;
+            }
+            let word = u32::from_le_bytes([self.carry[0], self.carry[1], self.carry[2], self.carry[3]]);
+            self.words.push(word);
+            self.carry.clear();
+        }
+        let mut whole = bytes.chunks_exact(4);
+        self.words
+            .extend(whole.by_ref().map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        self.carry.extend_from_slice(whole.remainder());
+    }
+
+    fn byte_len(&self) -> u64 {
+        self.words.len() as u64 * 4 + self.carry.len() as u64
+    }
+
+    fn is_empty(&self) -> bool {
+        self.byte_len() == 0
+    }
+}
+
+impl ChunkStream {
+    pub fn new(manifest: Manifest) -> Self {
         ChunkStream {
             manifest,
             next_chunk: 0,
             next_tensor: 0,
             stream_offset: 0,
-            pending: Vec::new(),
+            pending: WordBuffer::default(),
         }
     }
 
@@ -284,7 +316,7 @@ impl<'m> ChunkStream<'m> {
         index: usize,
         bytes: &[u8],
         location: &str,
-        mut on_tensor: impl FnMut(&TensorEntry, &[u8]) -> Result<()>,
+        mut on_tensor: impl FnMut(&TensorEntry, Vec<u32>) -> Result<()>,
     ) -> Result<()> {
         let chunk = self.manifest.chunks.get(index).ok_or_else(|| {
             Error::format(location, format!("chunk {index} is not in the manifest"))
@@ -295,25 +327,23 @@ impl<'m> ChunkStream<'m> {
                 format!("chunk {index} arrived before chunk {}", self.next_chunk),
             ));
         }
-        verify_chunk(chunk, bytes, location)?;
+        verify_chunk(index, chunk, bytes, location)?;
         let chunk_end = self.stream_offset + bytes.len() as u64;
         let mut at = 0usize;
         while let Some(entry) = self.manifest.tensors.get(self.next_tensor) {
             let tensor_end = entry.offset + entry.size;
             let take = (tensor_end.min(chunk_end) - (self.stream_offset + at as u64)) as usize;
-            let piece = &bytes[at..at + take];
-            at += take;
-            if self.pending.is_empty() && take as u64 == entry.size {
-                on_tensor(entry, piece)?; // whole tensor inside this chunk: no copy
-            } else {
-                self.pending.extend_from_slice(piece);
-                if self.pending.len() as u64 == entry.size {
-                    let complete = std::mem::take(&mut self.pending);
-                    on_tensor(entry, &complete)?;
-                } else {
-                    break;
-                }
+            if self.pending.is_empty() {
+                // Exactly the tensor's size: growing by doubling would briefly hold up to 3×
+                // the largest tensor, which is what bounds the loader's memory.
+                self.pending.words.reserve_exact((entry.size / 4) as usize);
             }
+            self.pending.extend(&bytes[at..at + take]);
+            at += take;
+            if self.pending.byte_len() < entry.size {
+                break; // continues in the next chunk
+            }
+            on_tensor(entry, std::mem::take(&mut self.pending.words))?;
             self.next_tensor += 1;
             if at == bytes.len() {
                 break;
@@ -324,34 +354,42 @@ impl<'m> ChunkStream<'m> {
         Ok(())
     }
 
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The chunk `push` expects next.
+    pub fn next_chunk(&self) -> usize {
+        self.next_chunk
+    }
+
     pub fn is_complete(&self) -> bool {
         self.next_chunk == self.manifest.chunks.len()
             && self.next_tensor == self.manifest.tensors.len()
     }
 }
 
-/// Size and sha256 of one chunk's bytes against the manifest.
-pub fn verify_chunk(chunk: &ChunkEntry, bytes: &[u8], location: &str) -> Result<()> {
+/// Size and sha256 of chunk `index`'s bytes against the manifest.
+pub fn verify_chunk(index: usize, chunk: &ChunkEntry, bytes: &[u8], location: &str) -> Result<()> {
+    let fail = |message: String| Error::Integrity {
+        location: location.to_string(),
+        chunk: index,
+        message,
+    };
     if bytes.len() as u64 != chunk.size {
-        return Err(Error::format(
-            location,
-            format!(
-                "chunk {} has {} bytes; the manifest says {} (truncated or wrong file)",
-                chunk.file,
-                bytes.len(),
-                chunk.size
-            ),
-        ));
+        return Err(fail(format!(
+            "chunk {} has {} bytes; the manifest says {} (truncated or wrong file)",
+            chunk.file,
+            bytes.len(),
+            chunk.size
+        )));
     }
     let digest = sha256_hex(bytes);
     if !digest.eq_ignore_ascii_case(&chunk.sha256) {
-        return Err(Error::format(
-            location,
-            format!(
-                "chunk {} is corrupt: sha256 {digest}, expected {}",
-                chunk.file, chunk.sha256
-            ),
-        ));
+        return Err(fail(format!(
+            "chunk {} is corrupt: sha256 {digest}, expected {}",
+            chunk.file, chunk.sha256
+        )));
     }
     Ok(())
 }
@@ -492,16 +530,18 @@ mod tests {
 
     #[test]
     fn stream_delivers_every_tensor_whole_whatever_the_chunk_size() {
-        for chunk_bytes in [1000, 4096, 1 << 20] {
+        // 1002: chunk boundaries that split words.
+        for chunk_bytes in [1000, 1002, 4096, 1 << 20] {
             let (manifest, chunks, expected) = tiny_bundle(chunk_bytes);
             let manifest = Manifest::parse(&serde_json::to_string(&manifest).unwrap()).unwrap();
             assert!(manifest.chunks.iter().all(|c| c.size <= chunk_bytes));
-            let mut stream = ChunkStream::new(&manifest);
+            let mut stream = ChunkStream::new(manifest.clone());
             let mut got = Vec::new();
             for (i, bytes) in chunks.iter().enumerate() {
                 stream
-                    .push(i, bytes, "test", |entry, bytes| {
-                        got.push((entry.name.clone(), bytes.to_vec()));
+                    .push(i, bytes, "test", |entry, words| {
+                        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                        got.push((entry.name.clone(), bytes));
                         Ok(())
                     })
                     .unwrap();
@@ -527,7 +567,11 @@ mod tests {
         };
         let bytes = encode(&TensorBytes::Q4(q.clone()));
         assert_eq!(bytes.len() as u64, entry.size);
-        match decode(&entry, &bytes) {
+        let words = bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        match decode(&entry, words) {
             TensorBytes::Q4(back) => assert_eq!(back, q),
             TensorBytes::F32(_) => panic!("decoded as f32"),
         }
@@ -538,7 +582,7 @@ mod tests {
         let (manifest, chunks, _) = tiny_bundle(4096);
         let mut corrupt = chunks[1].clone();
         corrupt[10] ^= 1;
-        let mut stream = ChunkStream::new(&manifest);
+        let mut stream = ChunkStream::new(manifest.clone());
         stream.push(0, &chunks[0], "u/0", |_, _| Ok(())).unwrap();
         let err = stream
             .push(1, &corrupt, "u/1", |_, _| Ok(()))

@@ -47,46 +47,112 @@ pub async fn load_model<S: FileSource>(source: &S, device: &Device) -> Result<(P
     }
 }
 
-/// Loads a bundle chunk by chunk: each chunk is checked against its sha256, each tensor is
-/// placed on the device as soon as its bytes are complete, and the chunk is dropped.
-async fn load_bundle<S: FileSource>(
-    source: &S,
-    manifest_bytes: &[u8],
-    device: &Device,
-) -> Result<(Phi, PhiTokenizer)> {
-    let manifest = bundle::Manifest::parse(utf8(manifest_bytes, source, bundle::MANIFEST)?)
-        .map_err(|e| match e {
-            Error::Format { message, .. } => {
-                Error::format(source.locate(bundle::MANIFEST), message)
+/// Reads `manifest.json`, naming the file in format errors.
+pub fn parse_manifest(bytes: &[u8], location: &str) -> Result<bundle::Manifest> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Error::format(location, format!("not UTF-8: {e}")))?;
+    bundle::Manifest::parse(text).map_err(|e| match e {
+        Error::Format { message, .. } => Error::format(location, message),
+        other => other,
+    })
+}
+
+/// A bundle being loaded, fed its chunks in order by whoever fetches them (the directory
+/// reader below, the package's fetcher in the browser). Each chunk is checked against its
+/// sha256 before anything else happens, so a rejected chunk can be fetched again and pushed
+/// once more; each tensor goes to the device as soon as its bytes are complete.
+pub struct BundleLoader {
+    stream: bundle::ChunkStream,
+    assembler: WeightAssembler,
+    device: Device,
+}
+
+impl BundleLoader {
+    pub fn new(manifest: bundle::Manifest, device: &Device) -> Self {
+        BundleLoader {
+            assembler: WeightAssembler::new(manifest.config.clone(), device.clone()),
+            stream: bundle::ChunkStream::new(manifest),
+            device: device.clone(),
+        }
+    }
+
+    pub fn manifest(&self) -> &bundle::Manifest {
+        self.stream.manifest()
+    }
+
+    /// Fails, naming the tensor, if one that goes to the device is larger than the device's
+    /// largest buffer (the embedding table stays on the host).
+    pub fn check_buffer_limit(&self, max_buffer_bytes: u64) -> Result<()> {
+        let manifest = self.manifest();
+        for entry in &manifest.tensors {
+            let on_host = entry.dtype == bundle::TensorDtype::Q4
+                && matches!(
+                    names::target(&entry.name, &manifest.config),
+                    Some(names::Target::One(Slot::Embedding))
+                );
+            if !on_host && entry.size > max_buffer_bytes {
+                return Err(Error::BufferLimit {
+                    tensor: entry.name.clone(),
+                    bytes: entry.size,
+                    limit: max_buffer_bytes,
+                });
             }
-            other => other,
-        })?;
-    let tokenizer = PhiTokenizer::from_bytes(&read_required(source, &manifest.tokenizer).await?)?;
-    let mut assembler = WeightAssembler::new(manifest.config.clone(), device.clone());
-    let mut stream = bundle::ChunkStream::new(&manifest);
-    for (index, chunk) in manifest.chunks.iter().enumerate() {
-        let location = source.locate(&chunk.file);
-        let bytes = read_required(source, &chunk.file).await?;
-        stream.push(index, &bytes, &location, |entry, bytes| {
-            let slot = match names::target(&entry.name, &manifest.config) {
+        }
+        Ok(())
+    }
+
+    /// Verifies chunk `index` and uploads the tensors it completes; `location` names it.
+    pub fn push(&mut self, index: usize, bytes: &[u8], location: &str) -> Result<()> {
+        let config = self.stream.manifest().config.clone();
+        let assembler = &mut self.assembler;
+        self.stream.push(index, bytes, location, |entry, words| {
+            let slot = match names::target(&entry.name, &config) {
                 Some(names::Target::One(slot)) => slot,
                 _ => unreachable!("Manifest::parse checked every name"),
             };
-            match bundle::decode(entry, bytes) {
-                bundle::TensorBytes::Q4(matrix) => assembler.insert_q4(slot, matrix, &location),
+            match bundle::decode(entry, words) {
+                bundle::TensorBytes::Q4(matrix) => assembler.insert_q4(slot, matrix, location),
                 bundle::TensorBytes::F32(values) => assembler.insert(
                     slot,
                     HostTensor {
                         shape: entry.shape.clone(),
                         data: values,
                     },
-                    &location,
+                    location,
                 ),
             }
-        })?;
+        })
     }
-    let weights = assembler.finish()?;
-    Ok((Phi::from_weights(weights, device), tokenizer))
+
+    /// The model, once every chunk has been pushed.
+    pub fn finish(self) -> Result<Phi> {
+        if !self.stream.is_complete() {
+            let manifest = self.stream.manifest();
+            let next = self.stream.next_chunk();
+            return Err(Error::State(format!(
+                "the bundle is incomplete: chunk {next} ({}) of {} has not been loaded",
+                manifest.chunks.get(next).map_or("?", |c| c.file.as_str()),
+                manifest.chunks.len()
+            )));
+        }
+        Ok(Phi::from_weights(self.assembler.finish()?, &self.device))
+    }
+}
+
+async fn load_bundle<S: FileSource>(
+    source: &S,
+    manifest_bytes: &[u8],
+    device: &Device,
+) -> Result<(Phi, PhiTokenizer)> {
+    let manifest = parse_manifest(manifest_bytes, &source.locate(bundle::MANIFEST))?;
+    let tokenizer = PhiTokenizer::from_bytes(&read_required(source, &manifest.tokenizer).await?)?;
+    let mut loader = BundleLoader::new(manifest, device);
+    for index in 0..loader.manifest().chunks.len() {
+        let file = loader.manifest().chunks[index].file.clone();
+        let bytes = read_required(source, &file).await?;
+        loader.push(index, &bytes, &source.locate(&file))?;
+    }
+    Ok((loader.finish()?, tokenizer))
 }
 
 /// Loads an HF-layout model: `config.json`, `tokenizer.json`, and `model.safetensors` or
