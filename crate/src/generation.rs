@@ -87,6 +87,8 @@ pub enum StopReason {
     Stop,
     /// `max_tokens` were generated or the context is full.
     Length,
+    /// The caller ended it (a Stop button, an AbortSignal).
+    Cancelled,
 }
 
 impl StopReason {
@@ -95,6 +97,7 @@ impl StopReason {
             StopReason::Eos => "eos",
             StopReason::Stop => "stop",
             StopReason::Length => "length",
+            StopReason::Cancelled => "cancelled",
         }
     }
 }
@@ -112,6 +115,7 @@ pub struct Session {
     params: SamplingParams,
     rng: ChaCha8Rng,
     cache: KvCache,
+    reused_tokens: usize,
     tokens: Vec<u32>,
     prompt_len: usize,
     stream: TextStream,
@@ -122,6 +126,18 @@ pub struct Session {
 
 impl Session {
     pub fn new(model: &Phi, prompt: Vec<u32>, params: SamplingParams) -> Result<Self> {
+        Session::resume(model, None, prompt, params)
+    }
+
+    /// Starts a generation that takes over `previous`'s cache (a chat's earlier turns): the
+    /// tokens both share at the start are not run again, only the rest of the prompt. At least
+    /// the prompt's last token is always run, because its logits are needed.
+    pub fn resume(
+        model: &Phi,
+        previous: Option<Session>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<Self> {
         params.validate()?;
         let context = model.config().max_position_embeddings;
         if prompt.is_empty() {
@@ -140,10 +156,25 @@ impl Session {
                 format!("token id {bad} is outside the vocabulary of {vocab}"),
             ));
         }
+        let cache = match previous {
+            Some(previous) => {
+                let mut cache = previous.cache;
+                let cached = &previous.tokens[..cache.len()];
+                let shared = cached
+                    .iter()
+                    .zip(&prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                cache.truncate(shared.min(prompt.len() - 1));
+                cache
+            }
+            None => model.new_cache(),
+        };
         Ok(Session {
             rng: ChaCha8Rng::seed_from_u64(params.seed),
             params,
-            cache: model.new_cache(),
+            reused_tokens: cache.len(),
+            cache,
             prompt_len: prompt.len(),
             tokens: prompt,
             stream: TextStream::new(),
@@ -151,6 +182,11 @@ impl Session {
             emitted: 0,
             finished: None,
         })
+    }
+
+    /// Prompt tokens whose keys and values came from the previous session's cache.
+    pub fn reused_tokens(&self) -> usize {
+        self.reused_tokens
     }
 
     pub fn prompt_ids(&self) -> &[u32] {
@@ -172,7 +208,7 @@ impl Session {
 
     /// Ends the generation early (the caller's stop button); later steps return `None`.
     pub fn cancel(&mut self) {
-        self.finished.get_or_insert(StopReason::Stop);
+        self.finished.get_or_insert(StopReason::Cancelled);
     }
 
     /// Runs the model over what it has not seen and returns the next position's logits,
@@ -235,6 +271,67 @@ impl Session {
         let text = self.text[self.emitted..].to_string();
         self.emitted = self.text.len();
         Ok(text)
+    }
+}
+
+/// Figures of one generation, reported at its end.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    /// Prompt tokens taken from the previous turn's cache instead of being run again.
+    pub reused_tokens: usize,
+    pub generated_tokens: usize,
+    pub time_to_first_token_ms: f64,
+    /// Prompt tokens run per second, up to the first token.
+    pub prefill_tokens_per_s: f64,
+    /// Tokens per second after the first.
+    pub decode_tokens_per_s: f64,
+    pub stop_reason: Option<StopReason>,
+}
+
+/// Timestamps (milliseconds, from any clock) of a generation's start and tokens.
+#[derive(Debug, Clone)]
+pub struct Timings {
+    started_ms: f64,
+    first_token_ms: Option<f64>,
+    last_token_ms: f64,
+}
+
+impl Timings {
+    pub fn start(now_ms: f64) -> Self {
+        Timings {
+            started_ms: now_ms,
+            first_token_ms: None,
+            last_token_ms: now_ms,
+        }
+    }
+
+    pub fn token(&mut self, now_ms: f64) {
+        self.first_token_ms.get_or_insert(now_ms);
+        self.last_token_ms = now_ms;
+    }
+
+    pub fn stats(&self, session: &Session) -> GenerationStats {
+        let per_s = |count: usize, ms: f64| {
+            if ms > 0.0 {
+                count as f64 * 1000.0 / ms
+            } else {
+                0.0
+            }
+        };
+        let first = self.first_token_ms.unwrap_or(self.started_ms);
+        let ttft = first - self.started_ms;
+        let generated = session.generated_ids().len();
+        GenerationStats {
+            prompt_tokens: session.prompt_ids().len(),
+            reused_tokens: session.reused_tokens(),
+            generated_tokens: generated,
+            time_to_first_token_ms: ttft,
+            prefill_tokens_per_s: per_s(session.prompt_ids().len() - session.reused_tokens(), ttft),
+            decode_tokens_per_s: per_s(generated.saturating_sub(1), self.last_token_ms - first),
+            stop_reason: session.stop_reason(),
+        }
     }
 }
 

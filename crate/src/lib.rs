@@ -20,7 +20,7 @@ mod wasm;
 pub use backend::BackendKind;
 pub use config::PhiConfig;
 pub use error::{Error, Result};
-pub use generation::{SamplingParams, Session, StopReason, Token};
+pub use generation::{GenerationStats, SamplingParams, Session, StopReason, Timings, Token};
 pub use model::{KvCache, Phi};
 pub use tokenizer::{PhiTokenizer, TextStream};
 

@@ -103,3 +103,51 @@ per_fixture_and_backend! {
     greedy_ids_match_transformers => greedy,
     kv_cache_decode_matches_full_forward => incremental_equals_full,
 }
+
+/// A chat turn resumes the previous session's cache: only the tokens after the shared start
+/// are run, and the logits are still transformers'.
+#[test]
+fn resumed_session_reuses_the_shared_prefix() {
+    for backend in BACKENDS {
+        let (model, tokenizer) = load("phi-80", backend);
+        let case = reference("phi-80")
+            .cases
+            .into_iter()
+            .max_by_key(|c| c.ids.len())
+            .unwrap();
+        let half = case.ids.len() / 2;
+        let params = SamplingParams {
+            max_tokens: 3,
+            ..SamplingParams::default()
+        };
+        let mut first = Session::new(&model, case.ids[..half].to_vec(), params.clone()).unwrap();
+        while block_on(first.next(&model, &tokenizer)).unwrap().is_some() {}
+
+        let mut resumed =
+            Session::resume(&model, Some(first), case.ids.clone(), params.clone()).unwrap();
+        assert!(
+            resumed.reused_tokens() >= half && resumed.reused_tokens() < case.ids.len(),
+            "{backend:?}: reused {} of {}",
+            resumed.reused_tokens(),
+            case.ids.len()
+        );
+        let logits = block_on(resumed.logits(&model)).unwrap();
+        let diff = max_abs_diff(&logits, &case.last_logits);
+        assert!(diff <= LOGIT_TOLERANCE, "{backend:?}: {diff}");
+
+        // The same prompt again reuses all but its last token; a different one reuses nothing.
+        let again = Session::resume(&model, Some(resumed), case.ids.clone(), params.clone()).unwrap();
+        assert_eq!(again.reused_tokens(), case.ids.len() - 1);
+        let mut other = case.ids.clone();
+        other[0] = (other[0] + 1) % 100;
+        let mut fresh = Session::resume(&model, Some(again), other.clone(), params).unwrap();
+        assert_eq!(fresh.reused_tokens(), 0);
+        let logits = block_on(fresh.logits(&model)).unwrap();
+        let mut cache = model.new_cache();
+        let expected = block_on(model.forward(&other, &mut cache).into_data_async())
+            .unwrap()
+            .try_into_vec::<f32>()
+            .unwrap();
+        assert!(max_abs_diff(&logits, &expected) <= 1e-4, "{backend:?}");
+    }
+}

@@ -5,12 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
 
 use phi2_web::weights::convert::{convert_gguf, convert_hf, synthesize, Summary};
 use phi2_web::weights::load_dir;
 use phi2_web::{
     block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session,
+    Timings,
 };
 use serde_json::json;
 
@@ -246,27 +248,36 @@ fn report(summary: &Summary, started: Instant) {
     );
 }
 
-fn progress(done: usize, total: usize) {
-    eprint!("\rtensors {done}/{total}");
-    if done == total {
-        eprintln!();
-    }
+/// Runs a bundle writer with a progress bar over its tensors (drawn only on a terminal).
+fn with_progress<T>(write: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<T>) -> Result<T> {
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} tensors  {elapsed} elapsed, {eta} left")
+            .expect("a valid template"),
+    );
+    let result = write(&mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    result
 }
 
 fn convert(args: ConvertArgs) -> Result<()> {
     let started = Instant::now();
     let chunk = args.chunk_mb << 20;
-    let summary = if args.from.is_file() {
-        convert_gguf(
-            &args.from,
-            args.tokenizer.as_deref(),
-            &args.out,
-            chunk,
-            progress,
-        )?
-    } else {
-        convert_hf(&args.from, &args.out, chunk, progress)?
-    };
+    let summary = with_progress(|progress| {
+        if args.from.is_file() {
+            convert_gguf(
+                &args.from,
+                args.tokenizer.as_deref(),
+                &args.out,
+                chunk,
+                progress,
+            )
+        } else {
+            convert_hf(&args.from, &args.out, chunk, progress)
+        }
+    })?;
     report(&summary, started);
     Ok(())
 }
@@ -284,14 +295,16 @@ fn synth(args: SynthArgs) -> Result<()> {
         },
     };
     let started = Instant::now();
-    let summary = synthesize(
-        &config,
-        PHI2_TOKENIZER,
-        &args.out,
-        args.chunk_mb << 20,
-        args.seed,
-        progress,
-    )?;
+    let summary = with_progress(|progress| {
+        synthesize(
+            &config,
+            PHI2_TOKENIZER,
+            &args.out,
+            args.chunk_mb << 20,
+            args.seed,
+            progress,
+        )
+    })?;
     report(&summary, started);
     Ok(())
 }
@@ -335,27 +348,24 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
     drop(warm); // its KV cache would count twice in the peak memory
     let mut session = Session::new(&model, prompt, params)?;
-    let first = Instant::now();
-    block_on(session.next(&model, &tokenizer))?;
-    let ttft_s = first.elapsed().as_secs_f64();
-    let decode_start = Instant::now();
-    let mut decoded = 0usize;
+    let clock = Instant::now();
+    let now_ms = || clock.elapsed().as_secs_f64() * 1000.0;
+    let mut timings = Timings::start(now_ms());
     while block_on(session.next(&model, &tokenizer))?.is_some() {
-        decoded += 1;
+        timings.token(now_ms());
     }
-    let decode_s = decode_start.elapsed().as_secs_f64();
-    let decode_tps = decoded as f64 / decode_s.max(1e-9);
+    let stats = timings.stats(&session);
     let weight_bytes = phi2_web::weights::bundle::linear_weight_bytes(&config);
     let report = json!({
         "backend": args.model.backend.name(),
         "model": args.model.model.display().to_string(),
         "load_s": load_s,
-        "prompt_tokens": prompt_tokens,
-        "time_to_first_token_s": ttft_s,
-        "prefill_tokens_per_s": prompt_tokens as f64 / ttft_s,
-        "decoded_tokens": decoded,
-        "decode_tokens_per_s": decode_tps,
-        "decode_effective_gb_per_s": weight_bytes as f64 * decode_tps / 1e9,
+        "prompt_tokens": stats.prompt_tokens,
+        "time_to_first_token_s": stats.time_to_first_token_ms / 1000.0,
+        "prefill_tokens_per_s": stats.prefill_tokens_per_s,
+        "generated_tokens": stats.generated_tokens,
+        "decode_tokens_per_s": stats.decode_tokens_per_s,
+        "decode_effective_gb_per_s": weight_bytes as f64 * stats.decode_tokens_per_s / 1e9,
         "load_peak_rss_bytes": load_peak_rss,
         "peak_rss_bytes": peak_rss(),
     });
