@@ -1,7 +1,15 @@
-//! The browser API (wasm-bindgen). The model lives in an `Rc<RefCell<…>>` so each exported
-//! async call owns what it needs; a second call while one is running gets a clear error.
+//! The browser API (wasm-bindgen), used by the npm package's engine (`pkg/src/engine.js`).
+//!
+//! - `BundleLoading`: the package fetches a bundle's chunks (in parallel, from the network or
+//!   Cache Storage) and pushes them here in order; each is verified and uploaded at once.
+//! - `Phi2Model.load`: loads a model directory (bundle or HF checkpoint) by plain `fetch`.
+//! - `Phi2Model.generate`: a JS async iterator of `{tokenId, text}`, ending with stats.
+//!
+//! Errors are JS `Error`s whose `name` says the kind (`LoadError`, `IntegrityError`,
+//! `FormatError`, `OptionError`, `DeviceError`, `StateError`) and whose `details` name the
+//! file, chunk, tensor, field or option.
 
-use std::cell::RefCell;
+use std::cell::{RefCell, RefMut};
 use std::rc::Rc;
 
 use js_sys::{Object, Promise, Reflect, Uint8Array};
@@ -10,7 +18,8 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::{future_to_promise, JsFuture};
 
 use crate::error::{Error, Result};
-use crate::weights::{load_model, FileSource};
+use crate::generation::{GenerationStats, Timings};
+use crate::weights::{load_model, parse_manifest, BundleLoader, FileSource};
 use crate::{BackendKind, Phi, PhiTokenizer, SamplingParams, Session};
 
 #[wasm_bindgen]
@@ -20,8 +29,40 @@ extern "C" {
     fn global_fetch(url: &str) -> Promise;
 }
 
-fn js_error(e: Error) -> JsError {
-    JsError::new(&e.to_string())
+// `Symbol.asyncIterator` cannot be named from Rust; a two-line helper sets it.
+#[wasm_bindgen(inline_js = "
+export function asyncIterable(target) {
+  target[Symbol.asyncIterator] = function () { return this; };
+  return target;
+}
+export function nowMs() { return performance.now(); }
+")]
+extern "C" {
+    #[wasm_bindgen(js_name = asyncIterable)]
+    fn async_iterable(target: JsValue) -> JsValue;
+    #[wasm_bindgen(js_name = nowMs)]
+    fn now_ms() -> f64;
+}
+
+/// A JS `Error` with the crate error's kind as `name` and what it concerns as `details`.
+fn js_error(e: Error) -> JsValue {
+    let error = js_sys::Error::new(&e.to_string());
+    error.set_name(e.kind());
+    let details = Object::new();
+    for (key, value) in e.details() {
+        let _ = Reflect::set(&details, &key.into(), &value.into());
+    }
+    let _ = Reflect::set(&error, &"details".into(), &details);
+    error.into()
+}
+
+fn state_error(message: &str) -> JsValue {
+    js_error(Error::State(message.to_string()))
+}
+
+fn to_js<T: serde::Serialize>(value: &T) -> JsValue {
+    let json = serde_json::to_string(value).expect("plain data serializes");
+    js_sys::JSON::parse(&json).expect("serde_json writes valid JSON")
 }
 
 /// Model files under a base URL.
@@ -58,32 +99,46 @@ impl FileSource for HttpSource {
     }
 }
 
-struct Engine {
+struct Loaded {
     model: Phi,
     tokenizer: PhiTokenizer,
+    /// The last generation: its KV cache serves the next prompt's shared start.
     session: Option<Session>,
+    /// Which `Generation` owns `session`; a newer one ends the older.
+    generation: u64,
+}
+
+/// `None` once unloaded.
+type Engine = Rc<RefCell<Option<Loaded>>>;
+
+fn borrow_loaded(engine: &Engine) -> std::result::Result<RefMut<'_, Loaded>, JsValue> {
+    let guard = engine.try_borrow_mut().map_err(|_| {
+        state_error("the model is busy with a running step; await it before calling again")
+    })?;
+    RefMut::filter_map(guard, Option::as_mut)
+        .map_err(|_| state_error("the model has been unloaded; load it again"))
+}
+
+fn parse_backend(backend: Option<String>) -> Result<BackendKind> {
+    backend.as_deref().unwrap_or("webgpu").parse()
 }
 
 #[wasm_bindgen]
 pub struct Phi2Model {
-    engine: Rc<RefCell<Engine>>,
+    engine: Engine,
     backend: BackendKind,
 }
 
 #[wasm_bindgen]
 impl Phi2Model {
-    /// Loads an HF-layout model directory (`config.json`, `tokenizer.json`, safetensors) from
-    /// `base_url` on `backend` ("webgpu", the default, or "cpu").
+    /// Loads a model directory — a bundle (`manifest.json`) or an HF checkpoint — from
+    /// `base_url` with plain requests, on `backend` ("webgpu", the default, or "cpu").
     pub async fn load(
         base_url: String,
         backend: Option<String>,
-    ) -> std::result::Result<Phi2Model, JsError> {
+    ) -> std::result::Result<Phi2Model, JsValue> {
         console_error_panic_hook::set_once();
-        let backend: BackendKind = backend
-            .as_deref()
-            .unwrap_or("webgpu")
-            .parse()
-            .map_err(js_error)?;
+        let backend = parse_backend(backend).map_err(js_error)?;
         let device = backend.device().await.map_err(js_error)?;
         let base = if base_url.ends_with('/') {
             base_url
@@ -93,17 +148,10 @@ impl Phi2Model {
         let (model, tokenizer) = load_model(&HttpSource { base }, &device)
             .await
             .map_err(js_error)?;
-        Ok(Phi2Model {
-            engine: Rc::new(RefCell::new(Engine {
-                model,
-                tokenizer,
-                session: None,
-            })),
-            backend,
-        })
+        Ok(Phi2Model::new(model, tokenizer, backend))
     }
 
-    #[wasm_bindgen(js_name = backendName)]
+    #[wasm_bindgen(getter, js_name = backendName)]
     pub fn backend_name(&self) -> String {
         match self.backend {
             BackendKind::Wgpu => "webgpu".into(),
@@ -111,75 +159,261 @@ impl Phi2Model {
         }
     }
 
-    pub fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, JsError> {
-        let engine = self.engine()?;
-        engine.tokenizer.encode(text).map_err(js_error)
+    /// Tokens the model can attend to: prompt and generated text together.
+    #[wasm_bindgen(getter, js_name = contextLength)]
+    pub fn context_length(&self) -> std::result::Result<usize, JsValue> {
+        Ok(borrow_loaded(&self.engine)?
+            .model
+            .config()
+            .max_position_embeddings)
     }
 
-    /// Starts a generation; `options` is `{maxTokens, temperature, topK, topP,
-    /// repetitionPenalty, seed, stop}`, every key optional (greedy by default).
-    pub fn start(&self, prompt: &str, options: JsValue) -> std::result::Result<(), JsError> {
+    pub fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, JsValue> {
+        borrow_loaded(&self.engine)?
+            .tokenizer
+            .encode(text)
+            .map_err(js_error)
+    }
+
+    /// Starts a generation and returns it as an async iterator of `{tokenId, text}`; its final
+    /// result (and `stats` afterwards) holds the figures. `options` is `{maxTokens,
+    /// temperature, topK, topP, repetitionPenalty, seed, stop}`, every key optional (greedy by
+    /// default). The previous generation ends; its cache serves the prompt's shared start.
+    pub fn generate(&self, prompt: &str, options: JsValue) -> std::result::Result<JsValue, JsValue> {
         let params = sampling_params(&options).map_err(js_error)?;
-        let mut engine = self.engine()?;
-        let ids = engine.tokenizer.encode(prompt).map_err(js_error)?;
-        let session = Session::new(&engine.model, ids, params).map_err(js_error)?;
-        engine.session = Some(session);
-        Ok(())
+        let mut loaded = borrow_loaded(&self.engine)?;
+        let ids = loaded.tokenizer.encode(prompt).map_err(js_error)?;
+        let previous = loaded.session.take();
+        let session = Session::resume(&loaded.model, previous, ids, params).map_err(js_error)?;
+        loaded.session = Some(session);
+        loaded.generation += 1;
+        let generation = Generation {
+            engine: self.engine.clone(),
+            id: loaded.generation,
+            state: Rc::new(RefCell::new(GenerationState {
+                timings: Timings::start(now_ms()),
+                stopped: false,
+                stats: None,
+            })),
+        };
+        Ok(async_iterable(generation.into()))
     }
 
-    /// Resolves to `{tokenId, text}` for the next token, or `undefined` when finished.
-    pub fn next(&self) -> Promise {
+    /// Runs one token through the model so that every GPU pipeline is compiled before the
+    /// first real prompt (compiling costs seconds on first use).
+    #[wasm_bindgen(js_name = warmUp)]
+    pub fn warm_up(&self) -> Promise {
         let engine = self.engine.clone();
         future_to_promise(async move {
-            let mut engine = engine
-                .try_borrow_mut()
-                .map_err(|_| JsError::new("generation: next() called while a step is running"))?;
-            let Engine {
+            let mut loaded = borrow_loaded(&engine)?;
+            let Loaded { model, session, .. } = &mut *loaded;
+            let params = SamplingParams {
+                max_tokens: 1,
+                ..SamplingParams::default()
+            };
+            let mut warm = Session::resume(model, session.take(), vec![crate::tokenizer::END_OF_TEXT], params)
+                .map_err(js_error)?;
+            warm.logits(model).await.map_err(js_error)?;
+            *session = Some(warm);
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// Frees the model's GPU and wasm memory; later calls fail with a `StateError`.
+    pub fn unload(&self) -> std::result::Result<(), JsValue> {
+        let mut engine = self.engine.try_borrow_mut().map_err(|_| {
+            state_error("the model is busy with a running step; stop the generation first")
+        })?;
+        *engine = None;
+        Ok(())
+    }
+}
+
+impl Phi2Model {
+    fn new(model: Phi, tokenizer: PhiTokenizer, backend: BackendKind) -> Self {
+        Phi2Model {
+            engine: Rc::new(RefCell::new(Some(Loaded {
+                model,
+                tokenizer,
+                session: None,
+                generation: 0,
+            }))),
+            backend,
+        }
+    }
+}
+
+struct GenerationState {
+    timings: Timings,
+    stopped: bool,
+    stats: Option<GenerationStats>,
+}
+
+/// One running generation (an async iterator; `generate` makes it iterable).
+#[wasm_bindgen]
+pub struct Generation {
+    engine: Engine,
+    id: u64,
+    state: Rc<RefCell<GenerationState>>,
+}
+
+fn iterator_result(done: bool, value: &JsValue) -> JsValue {
+    let result = Object::new();
+    let _ = Reflect::set(&result, &"done".into(), &done.into());
+    let _ = Reflect::set(&result, &"value".into(), value);
+    result.into()
+}
+
+#[wasm_bindgen]
+impl Generation {
+    /// Resolves to `{done: false, value: {tokenId, text}}` for each token, then to
+    /// `{done: true, value: stats}`.
+    pub fn next(&self) -> Promise {
+        let engine = self.engine.clone();
+        let state = self.state.clone();
+        let id = self.id;
+        future_to_promise(async move {
+            let mut loaded = borrow_loaded(&engine)?;
+            if let Some(stats) = &state.borrow().stats {
+                return Ok(iterator_result(true, &to_js(stats)));
+            }
+            let Loaded {
                 model,
                 tokenizer,
                 session,
-            } = &mut *engine;
-            let session = session
-                .as_mut()
-                .ok_or_else(|| JsError::new("generation: call start() before next()"))?;
+                generation,
+            } = &mut *loaded;
+            if *generation != id {
+                return Err(state_error(
+                    "this generation was ended by a newer generate() call",
+                ));
+            }
+            let session = session.as_mut().expect("the current generation has a session");
+            if state.borrow().stopped {
+                session.cancel();
+            }
             match session.next(model, tokenizer).await.map_err(js_error)? {
-                None => Ok(JsValue::UNDEFINED),
                 Some(token) => {
+                    state.borrow_mut().timings.token(now_ms());
                     let item = Object::new();
                     Reflect::set(&item, &"tokenId".into(), &token.id.into())?;
                     Reflect::set(&item, &"text".into(), &token.text.into())?;
-                    Ok(item.into())
+                    Ok(iterator_result(false, &item.into()))
+                }
+                None => {
+                    let mut state = state.borrow_mut();
+                    let stats = state.timings.stats(session);
+                    let value = to_js(&stats);
+                    state.stats = Some(stats);
+                    Ok(iterator_result(true, &value))
                 }
             }
         })
     }
 
-    #[wasm_bindgen(js_name = generatedIds)]
-    pub fn generated_ids(&self) -> std::result::Result<Vec<u32>, JsError> {
-        let engine = self.engine()?;
-        Ok(engine
-            .session
-            .as_ref()
-            .map(|s| s.generated_ids().to_vec())
-            .unwrap_or_default())
+    /// Ends the generation before its next token (a Stop button); it reports stop reason
+    /// "stop". Safe to call at any time, also while a step is running.
+    pub fn stop(&self) {
+        self.state.borrow_mut().stopped = true;
     }
 
-    #[wasm_bindgen(js_name = stopReason)]
-    pub fn stop_reason(&self) -> std::result::Result<Option<String>, JsError> {
-        let engine = self.engine()?;
-        Ok(engine
-            .session
+    /// Called by `for await` when the loop exits early: stops and finishes.
+    #[wasm_bindgen(js_name = "return")]
+    pub fn finish(&self) -> Promise {
+        self.stop();
+        self.next()
+    }
+
+    /// The figures, once the generation has finished: prompt, reused and generated tokens,
+    /// time to first token, prefill and decode tokens/s, stop reason.
+    #[wasm_bindgen(getter)]
+    pub fn stats(&self) -> JsValue {
+        self.state
+            .borrow()
+            .stats
             .as_ref()
-            .and_then(Session::stop_reason)
-            .map(|r| r.as_str().to_string()))
+            .map_or(JsValue::UNDEFINED, to_js)
     }
 }
 
-impl Phi2Model {
-    fn engine(&self) -> std::result::Result<std::cell::RefMut<'_, Engine>, JsError> {
-        self.engine
-            .try_borrow_mut()
-            .map_err(|_| JsError::new("generation: the model is busy with a running step"))
+/// A bundle being loaded: created from its manifest, given its tokenizer, then fed its chunks
+/// in order by the package's fetcher. Each chunk is verified (size, sha256) before use, so a
+/// rejected one may be fetched again and pushed again.
+#[wasm_bindgen]
+pub struct BundleLoading {
+    loader: BundleLoader,
+    tokenizer: Option<PhiTokenizer>,
+    backend: BackendKind,
+}
+
+#[wasm_bindgen]
+impl BundleLoading {
+    /// Checks the manifest (`manifest_url` names it in errors) and acquires the device.
+    pub async fn start(
+        manifest: Vec<u8>,
+        manifest_url: String,
+        backend: Option<String>,
+    ) -> std::result::Result<BundleLoading, JsValue> {
+        console_error_panic_hook::set_once();
+        let manifest = parse_manifest(&manifest, &manifest_url).map_err(js_error)?;
+        let backend = parse_backend(backend).map_err(js_error)?;
+        let device = backend.device().await.map_err(js_error)?;
+        Ok(BundleLoading {
+            loader: BundleLoader::new(manifest, &device),
+            tokenizer: None,
+            backend,
+        })
+    }
+
+    /// The tokenizer file the manifest names.
+    #[wasm_bindgen(getter, js_name = tokenizerFile)]
+    pub fn tokenizer_file(&self) -> String {
+        self.loader.manifest().tokenizer.clone()
+    }
+
+    /// Chunk file names, in the order `push` takes them.
+    #[wasm_bindgen(getter, js_name = chunkFiles)]
+    pub fn chunk_files(&self) -> Vec<String> {
+        self.loader.manifest().chunks.iter().map(|c| c.file.clone()).collect()
+    }
+
+    /// Chunk sizes in bytes, in the same order.
+    #[wasm_bindgen(getter, js_name = chunkSizes)]
+    pub fn chunk_sizes(&self) -> Vec<f64> {
+        self.loader.manifest().chunks.iter().map(|c| c.size as f64).collect()
+    }
+
+    /// Fails with a `DeviceError` naming the tensor if one is larger than the device allows.
+    #[wasm_bindgen(js_name = checkBufferLimit)]
+    pub fn check_buffer_limit(&self, max_buffer_bytes: f64) -> std::result::Result<(), JsValue> {
+        self.loader
+            .check_buffer_limit(max_buffer_bytes as u64)
+            .map_err(js_error)
+    }
+
+    #[wasm_bindgen(js_name = setTokenizer)]
+    pub fn set_tokenizer(&mut self, bytes: &[u8]) -> std::result::Result<(), JsValue> {
+        self.tokenizer = Some(PhiTokenizer::from_bytes(bytes).map_err(js_error)?);
+        Ok(())
+    }
+
+    /// Verifies chunk `index` (fetched from `url`) and uploads the tensors it completes.
+    pub fn push(
+        &mut self,
+        index: usize,
+        bytes: &[u8],
+        url: &str,
+    ) -> std::result::Result<(), JsValue> {
+        self.loader.push(index, bytes, url).map_err(js_error)
+    }
+
+    /// The model, once the tokenizer is set and every chunk has been pushed.
+    pub fn finish(self) -> std::result::Result<Phi2Model, JsValue> {
+        let tokenizer = self
+            .tokenizer
+            .ok_or_else(|| state_error("the tokenizer was not given (setTokenizer)"))?;
+        let model = self.loader.finish().map_err(js_error)?;
+        Ok(Phi2Model::new(model, tokenizer, self.backend))
     }
 }
 
@@ -197,10 +431,42 @@ fn sampling_params(options: &JsValue) -> Result<SamplingParams> {
         .ok_or_else(|| Error::option("options", "must be a plain object"))?;
     let mut value: serde_json::Value =
         serde_json::from_str(&json).map_err(|e| Error::option("options", e.to_string()))?;
-    if let Some(map) = value.as_object_mut() {
-        map.entry("seed").or_insert_with(|| random_seed().into());
+    let Some(map) = value.as_object_mut() else {
+        return Err(Error::option("options", "must be a plain object"));
+    };
+    // One key at a time first, so that a wrong value is reported under its own name.
+    for (key, field) in map.iter() {
+        let alone = serde_json::json!({ key.clone(): field.clone() });
+        serde_json::from_value::<SamplingParams>(alone).map_err(|e| Error::option(key, e.to_string()))?;
     }
-    serde_json::from_value(value).map_err(|e| Error::option("options", e.to_string()))
+    map.entry("seed").or_insert_with(|| random_seed().into());
+    let params: SamplingParams =
+        serde_json::from_value(value).map_err(|e| Error::option("options", e.to_string()))?;
+    params.validate().map_err(|e| match e {
+        Error::InvalidOption { option, message } => Error::InvalidOption {
+            option: camel_case(&option),
+            message,
+        },
+        other => other,
+    })?;
+    Ok(params)
+}
+
+/// An option's JS name from its Rust name (`top_p` → `topP`).
+fn camel_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut upper = false;
+    for c in name.chars() {
+        match c {
+            '_' => upper = true,
+            c if upper => {
+                out.extend(c.to_uppercase());
+                upper = false;
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn random_seed() -> u64 {
