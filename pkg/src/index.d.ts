@@ -1,0 +1,130 @@
+// Typings of the phi2-web package (ESM). See README.md for the guide.
+
+export type Backend = 'webgpu' | 'cpu';
+
+export type Phi2ErrorName =
+  | 'LoadError'
+  | 'IntegrityError'
+  | 'FormatError'
+  | 'OptionError'
+  | 'DeviceError'
+  | 'UnsupportedError'
+  | 'StateError'
+  | 'AbortError'
+  | 'OutOfMemoryError'
+  | 'InternalError';
+
+export declare const ERROR_NAMES: readonly Phi2ErrorName[];
+
+/** Every error the package throws; `details` names the file, chunk, tensor, field or option. */
+export declare class Phi2Error extends Error {
+  constructor(name: Phi2ErrorName, message: string, details?: Phi2ErrorDetails);
+  name: Phi2ErrorName;
+  details: Phi2ErrorDetails;
+  toJSON(): { name: Phi2ErrorName; message: string; details: Phi2ErrorDetails };
+  static from(error: unknown): Phi2Error;
+  static fromJSON(data: { name: string; message: string; details?: Phi2ErrorDetails }): Phi2Error;
+}
+
+export interface Phi2ErrorDetails {
+  file?: string;
+  chunk?: string;
+  tensor?: string;
+  field?: string;
+  option?: string;
+  status?: number;
+}
+
+export interface LoadProgress {
+  /** Where the latest bytes came from or went: 'download' and 'cache' while chunks arrive,
+   * 'upload' as each chunk is verified and placed on the device, 'compile' at the end. */
+  phase: 'download' | 'cache' | 'upload' | 'compile';
+  /** Bytes of chunks received so far (never decreases; reaches `totalBytes`). */
+  loadedBytes: number;
+  totalBytes: number;
+  /** Chunks done in this phase. */
+  chunk: number;
+  chunks: number;
+}
+
+export interface LoadOptions {
+  onProgress?: (event: LoadProgress) => void;
+  signal?: AbortSignal;
+  /** Keep the bundle in Cache Storage and load it from there next time (default true). */
+  cache?: boolean;
+  /** Run the engine in a module Web Worker (default true). */
+  worker?: boolean;
+  /** 'auto' (default): WebGPU when the browser has it, else the CPU (much slower). */
+  backend?: 'auto' | Backend;
+  /** Chunks downloaded in parallel (1-16, default 3). */
+  concurrency?: number;
+  /** Where the package's worker.js is served, when a bundler moved it. */
+  workerUrl?: string | URL;
+  /** Where the package's wasm/phi2_web_bg.wasm is served, when a bundler moved it. */
+  wasmUrl?: string | URL;
+}
+
+export interface GenerateOptions {
+  /** New tokens at most (default 256). */
+  maxTokens?: number;
+  /** 0 (default) is greedy decoding. */
+  temperature?: number;
+  topK?: number | null;
+  /** In (0, 1] (default 1). */
+  topP?: number;
+  /** 1 (default) is none. */
+  repetitionPenalty?: number;
+  /** Seeds sampling (random when omitted). */
+  seed?: number;
+  /** Strings that end generation (not included in the output). */
+  stop?: string[];
+  /** Ends generation before the next token. */
+  signal?: AbortSignal;
+}
+
+export interface GeneratedToken {
+  /** Text this token completes (may be empty while a character or stop string is pending). */
+  text: string;
+  tokenId: number;
+}
+
+export interface GenerationStats {
+  promptTokens: number;
+  /** Prompt tokens whose cache came from the previous generation (not run again). */
+  reusedTokens: number;
+  generatedTokens: number;
+  timeToFirstTokenMs: number;
+  prefillTokensPerS: number;
+  decodeTokensPerS: number;
+  stopReason: 'eos' | 'stop' | 'length' | 'cancelled' | null;
+}
+
+export interface ModelInfo {
+  backend: Backend;
+  contextLength: number;
+  totalBytes: number;
+  loadMs: number;
+  /** Most chunk bytes held in memory at once while loading. */
+  peakBufferedBytes: number;
+  wasmMemoryBytes: number;
+  /** E.g. chunks that could not be cached (storage full). */
+  warnings: string[];
+}
+
+export declare class Phi2 {
+  /** Use Phi2.load(). */
+  constructor();
+  static load(url: string | URL, options?: LoadOptions): Promise<Phi2>;
+  generate(prompt: string, options?: GenerateOptions): AsyncGenerator<GeneratedToken, GenerationStats, undefined>;
+  /** Ends the running generation before its next token. */
+  stop(): void;
+  unload(): Promise<void>;
+  readonly stats: GenerationStats | undefined;
+  readonly info: ModelInfo | undefined;
+  readonly backend: Backend | undefined;
+  static isCached(url: string | URL): Promise<boolean>;
+  static deleteCache(url: string | URL): Promise<boolean>;
+  static hasWebGPU(): Promise<boolean>;
+}
+
+export default Phi2;

@@ -1,0 +1,250 @@
+// phi2-web: Microsoft's Phi-2 in the browser. The public API.
+//
+//   const model = await Phi2.load(url, { onProgress, signal, cache: true, worker: true });
+//   for await (const { text } of model.generate(prompt, { maxTokens, temperature, signal })) …
+//   await model.unload();
+//
+// The engine (engine.js: fetching, caching, the wasm model) runs in a module Web Worker by
+// default; `worker: false` runs the same engine on the calling thread.
+
+import { Engine } from './engine.js';
+import { deleteCache, isCached, manifestUrl } from './cache.js';
+import { abortError, ERROR_NAMES, Phi2Error } from './errors.js';
+import { gpuAdapter } from './webgpu.js';
+
+export { ERROR_NAMES, Phi2Error };
+
+/** The engine inside a Web Worker, behind the same interface as Engine. */
+class WorkerEngine {
+  #worker;
+  #nextId = 1;
+  /** Request id → handlers for its messages. */
+  #requests = new Map();
+  #broken = null;
+
+  constructor(worker) {
+    this.#worker = worker;
+    worker.onmessage = ({ data }) => this.#requests.get(data.id)?.(data);
+    worker.onerror = (event) => {
+      event.preventDefault?.();
+      this.#fail(new Phi2Error('InternalError', `the engine's worker failed: ${event.message ?? 'script error'}`));
+    };
+  }
+
+  #fail(error) {
+    this.#broken = error;
+    for (const handler of this.#requests.values()) handler({ type: 'error', error: error.toJSON() });
+    this.#requests.clear();
+  }
+
+  /** Sends a request; `onMessage` sees every message for it until it returns true (the end). */
+  #request(message, signal, onMessage) {
+    if (this.#broken) throw this.#broken;
+    const id = this.#nextId++;
+    const abort = () => this.#worker.postMessage({ type: 'abort', id });
+    signal?.addEventListener('abort', abort, { once: true });
+    this.#requests.set(id, (data) => {
+      if (onMessage(data)) {
+        this.#requests.delete(id);
+        signal?.removeEventListener('abort', abort);
+      }
+    });
+    this.#worker.postMessage({ ...message, id });
+    if (signal?.aborted) abort();
+    return id;
+  }
+
+  static async load(url, { onProgress = () => {}, signal, workerUrl, ...options }) {
+    let worker;
+    try {
+      worker = workerUrl
+        ? new Worker(workerUrl, { type: 'module' })
+        : new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+    } catch (error) {
+      throw new Phi2Error('UnsupportedError', `cannot start the engine's module worker (${error.message}); pass worker: false`);
+    }
+    const engine = new WorkerEngine(worker);
+    try {
+      engine.info = await new Promise((resolve, reject) => {
+        engine.#request({ type: 'load', url, options }, signal, (data) => {
+          if (data.type === 'progress') {
+            onProgress(data.event);
+            return false;
+          }
+          if (data.type === 'result') resolve(data.value);
+          else reject(Phi2Error.fromJSON(data.error));
+          return true;
+        });
+      });
+    } catch (error) {
+      worker.terminate();
+      throw error;
+    }
+    return engine;
+  }
+
+  async *generate(prompt, options = {}) {
+    const { signal, ...params } = options ?? {};
+    if (signal !== undefined && !(signal instanceof AbortSignal)) {
+      throw new Phi2Error('OptionError', 'signal must be an AbortSignal', { option: 'signal' });
+    }
+    // Tokens arrive as the worker makes them; the consumer takes them at its own pace.
+    const arrived = [];
+    let wake = null;
+    let end = null;
+    const id = this.#request({ type: 'generate', prompt, options: params }, signal, (data) => {
+      if (data.type === 'token') arrived.push(data.value);
+      else end = data;
+      wake?.();
+      return data.type !== 'token';
+    });
+    this.running = id;
+    let finished = false;
+    try {
+      for (;;) {
+        if (arrived.length > 0) {
+          yield arrived.shift();
+          continue;
+        }
+        if (end) {
+          finished = true;
+          if (end.type === 'error') throw Phi2Error.fromJSON(end.error);
+          this.lastStats = end.value;
+          return end.value;
+        }
+        await new Promise((resolve) => (wake = resolve));
+        wake = null;
+      }
+    } finally {
+      if (!finished) this.#worker.postMessage({ type: 'abort', id });
+      if (this.running === id) this.running = null;
+    }
+  }
+
+  stop() {
+    if (this.running) this.#worker.postMessage({ type: 'abort', id: this.running });
+  }
+
+  async unload() {
+    if (this.#broken) return;
+    this.stop();
+    await new Promise((resolve) => this.#request({ type: 'unload' }, undefined, () => (resolve(), true)));
+    this.#worker.terminate();
+    this.#broken = new Phi2Error('StateError', 'the model has been unloaded; load it again');
+  }
+}
+
+export class Phi2 {
+  #engine;
+  #unloaded = false;
+
+  /** Use `Phi2.load()`; a Phi2 made any other way has no model. */
+  constructor(engine = null) {
+    this.#engine = engine;
+  }
+
+  /**
+   * Loads the phi2-web bundle at `url` (its folder or its manifest.json, relative to the page).
+   * Options: `onProgress(event)`, `signal`, `cache` (default true), `worker` (default true),
+   * `backend` ('auto' (default: WebGPU, else the CPU), 'webgpu', 'cpu'), `concurrency`
+   * (parallel chunk downloads, default 3), `workerUrl` and `wasmUrl` (where the package's
+   * worker.js and wasm file are served, when a bundler moved them).
+   */
+  static async load(url, options = {}) {
+    const { worker = true, onProgress, signal, ...rest } = options ?? {};
+    if (typeof url !== 'string' && !(url instanceof URL)) {
+      throw new Phi2Error('OptionError', 'url must be a string or URL', { option: 'url' });
+    }
+    if (onProgress !== undefined && typeof onProgress !== 'function') {
+      throw new Phi2Error('OptionError', 'onProgress must be a function', { option: 'onProgress' });
+    }
+    if (signal?.aborted) throw abortError(signal);
+    // Relative URLs mean relative to the page, also for the worker (which has its own base).
+    const href = manifestUrl(url, globalThis.document?.baseURI ?? globalThis.location?.href);
+    for (const key of ['workerUrl', 'wasmUrl']) {
+      if (rest[key] !== undefined) rest[key] = new URL(rest[key], globalThis.document?.baseURI ?? globalThis.location?.href).href;
+    }
+    if (rest.cache !== false) {
+      // Ask that the cached model survive storage pressure (granted silently or not at all;
+      // only a window can ask).
+      globalThis.navigator?.storage?.persist?.().catch(() => {});
+    }
+    const useWorker = worker && typeof Worker !== 'undefined';
+    if (worker && !useWorker) {
+      // Asked for a worker where there is none (e.g. inside a worker already): say so.
+      throw new Phi2Error('UnsupportedError', 'Web Workers are not available here; pass worker: false');
+    }
+    try {
+      const engine = useWorker
+        ? await WorkerEngine.load(href, { onProgress, signal, ...rest })
+        : await Engine.load(href, { onProgress, signal, ...rest });
+      return new Phi2(engine);
+    } catch (error) {
+      throw Phi2Error.from(error);
+    }
+  }
+
+  #ready() {
+    if (this.#unloaded) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
+    if (!this.#engine) throw new Phi2Error('StateError', 'no model is loaded; create one with Phi2.load()');
+    return this.#engine;
+  }
+
+  /**
+   * Streams the continuation of `prompt`: an async iterator of `{ text, tokenId }`. Options:
+   * `maxTokens` (256), `temperature` (0 = greedy), `topK`, `topP`, `repetitionPenalty`, `seed`,
+   * `stop` (strings), `signal`. A new generate ends the previous one; the start both prompts
+   * share is not run again (multi-turn chat). `model.stats` afterwards holds the figures.
+   */
+  generate(prompt, options = {}) {
+    const iterator = (async function* (model) {
+      const engine = model.#ready();
+      const stats = yield* engine.generate(prompt, options);
+      return stats;
+    })(this);
+    return iterator;
+  }
+
+  /** Ends the running generation before its next token. */
+  stop() {
+    this.#engine?.stop();
+  }
+
+  /** Figures of the last finished generation (tokens, time to first token, tokens/s, stop reason). */
+  get stats() {
+    return this.#engine?.lastStats;
+  }
+
+  /** Where it runs ('webgpu' or 'cpu'), size, load time, and cache warnings. */
+  get info() {
+    return this.#engine?.info;
+  }
+
+  get backend() {
+    return this.#engine?.info.backend;
+  }
+
+  async unload() {
+    if (this.#unloaded || !this.#engine) return;
+    this.#unloaded = true;
+    await this.#engine.unload();
+    this.#engine = null;
+  }
+
+  /** Whether the bundle at `url` is fully in the cache (loading it needs no network). */
+  static isCached(url) {
+    return isCached(manifestUrl(url, globalThis.document?.baseURI ?? globalThis.location?.href));
+  }
+
+  /** Removes the bundle at `url` from the cache; resolves to whether anything was removed. */
+  static deleteCache(url) {
+    return deleteCache(manifestUrl(url, globalThis.document?.baseURI ?? globalThis.location?.href));
+  }
+
+  /** Whether this browser can run the model on the GPU (otherwise it runs on the CPU). */
+  static async hasWebGPU() {
+    return (await gpuAdapter()) !== null;
+  }
+}
+
+export default Phi2;
