@@ -26,8 +26,9 @@ apt_install() {
 }
 
 # Chromium drives the browser tests (WebGPU on SwiftShader); Mesa's EGL/GL (llvmpipe) gives
-# native wgpu an adapter on machines without a GPU.
-apt_install chromium libegl1 libegl-mesa0 libgl1-mesa-dri
+# native wgpu an adapter on machines without a GPU; wabt's wasm-strip drops the wasm's name
+# section (half the file) from release builds.
+apt_install chromium libegl1 libegl-mesa0 libgl1-mesa-dri wabt
 
 # wasm32 target: rustup when its server answers, otherwise Debian's rustc-web (same 1.9x
 # compiler) with the std sources, built by cargo's -Zbuild-std.

@@ -15,7 +15,7 @@ echo "== Rust tests"
 cargo test --workspace --no-fail-fast
 
 echo "== wasm build"
-scripts/build-wasm.sh
+scripts/build-pkg.sh
 
 echo "== browser tests"
 PHI2_BIN="$PWD/target/debug/phi2" node --test tests/browser/

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds the npm package: the crate for wasm32, wasm-bindgen into pkg/dist/wasm/, and the JS
+# wrapper and typings from pkg/src/ into pkg/dist/. Then copies pkg/dist/ to web/pkg/ (the
+# demo page's import path) with a list of its files for the service worker.
+# Usage: scripts/build-pkg.sh [--dev]   (--dev: unoptimised, faster to build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile=release
+[ "${1:-}" = "--dev" ] && profile=dev
+out_dir=$([ "$profile" = dev ] && echo debug || echo release)
+
+args=(build -p phi2-web --lib --target wasm32-unknown-unknown --no-default-features --profile "$profile")
+if [ "$(cat .tools/wasm-toolchain 2>/dev/null)" = debian ]; then
+    # Debian's compiler with cargo compiling std itself; rust-lld comes from rustup's toolchain.
+    lld_dir="$(rustc --print sysroot)/lib/rustlib/x86_64-unknown-linux-gnu/bin"
+    PATH="$lld_dir:$PATH" RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
+        cargo "${args[@]}" -Zbuild-std=std,panic_abort
+else
+    cargo "${args[@]}"
+fi
+rm -rf pkg/dist
+wasm-bindgen --target web --no-typescript --out-dir pkg/dist/wasm \
+    "target/wasm32-unknown-unknown/$out_dir/phi2_web.wasm"
+# Function names are half the file; release builds go without (panic messages stay readable).
+[ "$profile" = release ] && wasm-strip pkg/dist/wasm/phi2_web_bg.wasm
+cp pkg/src/*.js pkg/src/*.d.ts pkg/dist/
+
+rm -rf web/pkg
+cp -r pkg/dist web/pkg
+(cd web/pkg && find . -type f | sed 's|^\./||' | sort | python3 -c \
+    'import json, sys; print(json.dumps([l.strip() for l in sys.stdin]))' > files.json)
+ls -l pkg/dist/wasm/phi2_web_bg.wasm
