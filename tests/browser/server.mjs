@@ -6,6 +6,12 @@
 //   srv.requests     // log: [{ method, path, status, bytes, range }] in arrival order
 //   await srv.close();
 //
+// Fault injection (tests/browser/faults.test.mjs): `startServer({ root, fault })` calls
+// `fault(path)` for each file request; it returns nothing (serve normally) or one of
+//   { status: 503 }        answer with that status instead
+//   { dropAfter: n }       send the headers and n bytes of the body, then cut the connection
+//   { corruptAt: i }       flip the bits of byte i of the body
+//   { delayMs: t }         wait t ms before answering
 // Listens on 127.0.0.1 with an OS-chosen port. Serves files below `root` only (no directory
 // listings, no escaping the root). Supports GET/HEAD and single byte-range requests
 // (`Range: bytes=a-b`), which a loader may use for large safetensors files.
@@ -31,6 +37,7 @@ const MIME = {
   '.png': 'image/png',
   '.ico': 'image/x-icon',
   '.map': 'application/json; charset=utf-8',
+  '.webmanifest': 'application/manifest+json',
 };
 
 export function mimeType(file) {
@@ -59,7 +66,7 @@ function parseRange(header, size) {
  * @param {{root: string, host?: string, port?: number, quiet?: boolean}} opts
  * @returns {Promise<{url: string, port: number, requests: Array<object>, close: () => Promise<void>}>}
  */
-export async function startServer({ root, host = '127.0.0.1', port = 0 } = {}) {
+export async function startServer({ root, host = '127.0.0.1', port = 0, fault = () => undefined } = {}) {
   if (!root) throw new Error('startServer: root is required');
   const rootAbs = path.resolve(root);
   const requests = [];
@@ -129,6 +136,10 @@ export async function startServer({ root, host = '127.0.0.1', port = 0 } = {}) {
           headers['Content-Range'] = `bytes ${start}-${end}/${st.size}`;
         }
       }
+      const injected = fault(rel) ?? {};
+      entry.fault = Object.keys(injected).length ? injected : undefined;
+      if (injected.delayMs) await new Promise((resolve) => setTimeout(resolve, injected.delayMs));
+      if (injected.status) return send(injected.status, `injected status ${injected.status}\n`);
       const length = st.size === 0 ? 0 : end - start + 1;
       headers['Content-Length'] = length;
       entry.status = status;
@@ -137,9 +148,32 @@ export async function startServer({ root, host = '127.0.0.1', port = 0 } = {}) {
         return res.end();
       }
       entry.bytes = length;
+      if (injected.dropAfter !== undefined) {
+        // Let the headers reach the page first: a connection that dies before them is retried
+        // by the browser on its own, which would hide the fault from the loader.
+        res.flushHeaders();
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      }
+      let sent = 0;
       const stream = createReadStream(target, { start, end });
       stream.on('error', () => res.destroy());
-      stream.pipe(res);
+      stream.on('data', (data) => {
+        if (injected.corruptAt !== undefined && injected.corruptAt >= sent && injected.corruptAt < sent + data.length) {
+          data[injected.corruptAt - sent] ^= 0xff;
+        }
+        if (injected.dropAfter !== undefined && sent + data.length > injected.dropAfter) {
+          res.write(data.subarray(0, Math.max(0, injected.dropAfter - sent)));
+          stream.destroy();
+          res.destroy();
+          return;
+        }
+        sent += data.length;
+        if (!res.write(data)) {
+          stream.pause();
+          res.once('drain', () => stream.resume());
+        }
+      });
+      stream.on('end', () => res.end());
     } catch (e) {
       if (!res.headersSent) send(500, `server error: ${e?.message ?? e}\n`);
       else res.destroy();

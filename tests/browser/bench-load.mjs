@@ -1,0 +1,112 @@
+// Browser load benchmark: loads a bundle (default: the synthetic full-size Phi-2 from
+// `phi2 synth --preset phi-2`) with the package in headless Chromium, from the network and then
+// from the cache, and prints figures as JSON: load times, peak JS heap (sampled over CDP), wasm
+// memory, and the most chunk bytes the loader held at once. Not a test: it asserts nothing.
+//
+//   node tests/browser/bench-load.mjs BUNDLE_DIR [--backend webgpu|cpu] [--tokens N]
+//
+// The engine runs on the page's thread (worker: false) so that CDP sees its heap; the worker
+// runs the same code.
+
+import { existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { startServer } from './server.mjs';
+import { CHROMIUM_ARGS, chromiumPath, forwardPageLogs } from './browser.mjs';
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const args = process.argv.slice(2);
+const option = (name, fallback) => {
+  const at = args.indexOf(name);
+  return at >= 0 ? args[at + 1] : fallback;
+};
+const bundleDir = path.resolve(args.find((a, i) => !a.startsWith('--') && !args[i - 1]?.startsWith('--')) ?? '/tmp/phi2-synth');
+const backend = option('--backend', 'webgpu');
+const tokens = Number(option('--tokens', '4'));
+if (!existsSync(path.join(bundleDir, 'manifest.json'))) {
+  console.error(`no bundle at ${bundleDir} (make one: target/release/phi2 synth --preset phi-2 --out ${bundleDir})`);
+  process.exit(2);
+}
+// Served under the repository root, next to the page.
+const link = path.join(REPO, 'target', 'bench-bundle');
+mkdirSync(path.dirname(link), { recursive: true });
+rmSync(link, { force: true });
+symlinkSync(bundleDir, link);
+
+const server = await startServer({ root: REPO });
+// A persistent profile, as a user has: an incognito context's storage quota is too small to
+// cache a 1.5 GB model.
+const profile = mkdtempSync(path.join(os.tmpdir(), 'phi2-bench-profile-'));
+const { chromium } = createRequire(import.meta.url)('playwright-core');
+const context = await chromium.launchPersistentContext(profile, { executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS });
+const page = await context.newPage();
+forwardPageLogs(page);
+const cdp = await context.newCDPSession(page);
+await cdp.send('HeapProfiler.enable');
+
+let peakHeap = 0;
+let sampling = true;
+const sampler = (async () => {
+  while (sampling) {
+    try {
+      const { usedSize } = await cdp.send('Runtime.getHeapUsage');
+      peakHeap = Math.max(peakHeap, usedSize);
+    } catch {
+      // the page is between states
+    }
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+})();
+
+async function load(label) {
+  peakHeap = 0;
+  const figures = await page.evaluate(async ({ backend, tokens }) => {
+    const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
+    const started = performance.now();
+    const model = await Phi2.load('../target/bench-bundle/', { worker: false, backend });
+    const loadMs = performance.now() - started;
+    let generated = 0;
+    for await (const token of model.generate('Instruct: Say hello.\nOutput:', { maxTokens: tokens })) generated += token ? 1 : 0;
+    const result = { loadMs, info: model.info, stats: model.stats, generated };
+    await model.unload();
+    return result;
+  }, { backend, tokens });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  return { label, ...figures, peakJsHeapBytes: peakHeap };
+}
+
+await page.goto(`${server.url}web/index.html`);
+await page.evaluate(async () => {
+  const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
+  await Phi2.deleteCache('../target/bench-bundle/');
+});
+const network = await load('network');
+const mark = server.requests.length;
+const cached = await load('cache');
+const chunkRequestsFromCache = server.requests.slice(mark).filter((r) => /chunk-/.test(r.path)).length;
+sampling = false;
+await sampler;
+const mb = (bytes) => Math.round(bytes / 1e5) / 10;
+const summary = (run) => ({
+  load_s: Math.round(run.loadMs) / 1000,
+  peak_js_heap_mb: mb(run.peakJsHeapBytes),
+  wasm_memory_mb: mb(run.info.wasmMemoryBytes),
+  peak_buffered_chunks_mb: mb(run.info.peakBufferedBytes),
+  peak_js_plus_wasm_mb: mb(run.peakJsHeapBytes + run.info.wasmMemoryBytes + run.info.peakBufferedBytes),
+  time_to_first_token_s: run.stats.timeToFirstTokenMs / 1000,
+  decode_tokens_per_s: run.stats.decodeTokensPerS,
+});
+console.log(JSON.stringify({
+  bundle: bundleDir,
+  backend: network.info.backend,
+  bundle_mb: mb(network.info.totalBytes),
+  network: summary(network),
+  cache: { ...summary(cached), chunk_requests: chunkRequestsFromCache },
+  warnings: [...network.info.warnings, ...cached.info.warnings],
+}, null, 2));
+await context.close();
+await server.close();
+rmSync(link, { force: true });
+rmSync(profile, { recursive: true, force: true });

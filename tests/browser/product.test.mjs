@@ -1,0 +1,416 @@
+// End-to-end tests of what users touch, in headless Chromium with WebGPU (SwiftShader): the
+// wasm export, the npm package (worker and calling-thread engines), the demo page, caching,
+// offline use, Stop/abort, typed errors, the CPU fallback, a bundler build and the typings.
+// Greedy outputs must equal the native CLI's on the same model.
+//
+//   node --test tests/browser/          (from the repository root; `npm ci` in tests/ first)
+//
+// Needs, and FAILS (never skips) without: pkg/dist and web/pkg (scripts/build-pkg.sh), the CLI
+// (target/debug/phi2 or PHI2_BIN), tests/fixtures/phi-tok, chromium (/usr/bin/chromium or
+// CHROMIUM). The tests share one server, browser and converted bundle, and run in order.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { cpSync, existsSync, mkdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { execFile, execFileSync } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { startServer } from './server.mjs';
+import { CHROMIUM_ARGS, launchChromium, forwardPageLogs, waitForResult } from './browser.mjs';
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const TESTS = path.join(REPO, 'tests');
+const FIXTURE = 'tests/fixtures/phi-tok';
+const BUNDLE = 'target/browser-bundles/phi-tok-q4';
+const PROMPT = 'Hello World';
+const MAX_TOKENS = 16;
+const PHI2_BIN = process.env.PHI2_BIN || path.join(REPO, 'target', 'debug', 'phi2');
+const PAGE_TIMEOUT_MS = 8 * 60 * 1000;
+const TIMEOUT = { timeout: 15 * 60 * 1000 };
+
+let server;
+let browser;
+const native = {};
+
+function requireFile(file, what) {
+  assert.ok(existsSync(path.resolve(REPO, file)), `${what} is missing: ${file}`);
+}
+
+/** The CLI's greedy run: {prompt_ids, generated_ids, text}. */
+function nativeGenerate(model) {
+  const args = ['generate', '--model', model, '--prompt', PROMPT, '--max-tokens', String(MAX_TOKENS),
+    '--temperature', '0', '--json', '--backend', 'cpu'];
+  return new Promise((resolve, reject) => {
+    execFile(PHI2_BIN, args, { cwd: REPO, timeout: 5 * 60 * 1000 }, (err, stdout, stderr) => {
+      if (err) return reject(new Error(`${PHI2_BIN} ${args.join(' ')} failed: ${err.message}\n${stderr}`));
+      resolve(JSON.parse(stdout.trim().split('\n').pop()));
+    });
+  });
+}
+
+before(async () => {
+  requireFile('pkg/dist/index.js', 'the package build (run scripts/build-pkg.sh)');
+  requireFile('web/pkg/wasm/phi2_web_bg.wasm', 'the demo page copy of the package (scripts/build-pkg.sh)');
+  requireFile(PHI2_BIN, 'the phi2 CLI (cargo build, or set PHI2_BIN)');
+  rmSync(path.join(REPO, BUNDLE), { recursive: true, force: true });
+  execFileSync(PHI2_BIN, ['convert', '--from', FIXTURE, '--out', BUNDLE, '--chunk-mb', '1'], { cwd: REPO });
+  native.checkpoint = await nativeGenerate(FIXTURE);
+  native.bundle = await nativeGenerate(BUNDLE);
+  assert.ok(native.bundle.generated_ids.length > 0, 'the CLI generated nothing');
+  server = await startServer({ root: REPO });
+  browser = await launchChromium();
+  process.stderr.write(`[browser test] serving ${REPO} at ${server.url}; chromium ${browser.version()}\n`);
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.close();
+});
+
+async function withPage(context, run) {
+  const page = await context.newPage();
+  forwardPageLogs(page);
+  try {
+    return await run(page);
+  } finally {
+    await page.close();
+  }
+}
+
+/** Opens `url` and returns the page's #result (after autorun). */
+async function pageResult(page, url) {
+  const started = Date.now();
+  await page.goto(url);
+  const { result, isError } = await waitForResult(page, PAGE_TIMEOUT_MS);
+  process.stderr.write(`[browser test] ${url} (${((Date.now() - started) / 1000).toFixed(1)} s): ${JSON.stringify(result).slice(0, 400)}\n`);
+  return { result, isError };
+}
+
+const demoUrl = (params) => `${server.url}web/index.html?${new URLSearchParams({ prompt: PROMPT, max: String(MAX_TOKENS), autorun: '1', ...params })}`;
+const bundleUrl = `../${BUNDLE}/`;
+const chunkRequests = (from) => server.requests.slice(from).filter((r) => /chunk-\d+\.bin/.test(r.path));
+
+function assertSameAsNative(result, reference, what) {
+  assert.deepEqual(result.generatedIds, reference.generated_ids, `${what}: token ids differ from the CLI`);
+  assert.equal(result.text, reference.text, `${what}: text differs from the CLI`);
+}
+
+function assertProgress(progress, { fromCache }) {
+  assert.ok(progress.length > 0, 'no progress events');
+  const { totalBytes, chunks } = progress[0];
+  assert.ok(totalBytes > 0 && chunks > 1, `totals: ${JSON.stringify(progress[0])}`);
+  let last = { loadedBytes: 0 };
+  const lastChunk = {};
+  for (const event of progress) {
+    assert.ok(event.loadedBytes >= last.loadedBytes, `loadedBytes went back: ${JSON.stringify([last, event])}`);
+    assert.ok(event.loadedBytes <= totalBytes && event.totalBytes === totalBytes && event.chunks === chunks);
+    assert.ok(event.chunk >= (lastChunk[event.phase] ?? 0), `chunk count went back in ${event.phase}`);
+    lastChunk[event.phase] = event.chunk;
+    last = event;
+  }
+  assert.equal(last.loadedBytes, totalBytes, 'progress did not reach the total');
+  assert.equal(last.phase, 'compile');
+  assert.equal(lastChunk.upload, chunks, 'not every chunk was uploaded');
+  const arrivals = progress.filter((e) => e.phase === 'download' || e.phase === 'cache');
+  assert.ok(arrivals.every((e) => e.phase === (fromCache ? 'cache' : 'download')),
+    `expected every chunk from the ${fromCache ? 'cache' : 'network'}`);
+}
+
+test('the wasm export (for await over generate) on a checkpoint and a bundle equals the CLI, on WebGPU and CPU', TIMEOUT, async () => {
+  const context = await browser.newContext();
+  try {
+    for (const [model, reference] of [[FIXTURE, native.checkpoint], [BUNDLE, native.bundle]]) {
+      for (const backend of ['webgpu', 'cpu']) {
+        const url = `${server.url}tests/browser/pages/checkpoint.html?${new URLSearchParams({ model: `../../../${model}/`, backend, prompt: PROMPT, max: String(MAX_TOKENS) })}`;
+        const { result, isError } = await withPage(context, (page) => pageResult(page, url));
+        assert.equal(isError, false, JSON.stringify(result.error));
+        assert.equal(result.backend, backend);
+        assert.deepEqual(result.promptIds, reference.prompt_ids);
+        assertSameAsNative(result, reference, `${model} on ${backend}`);
+        assert.equal(result.stats.generatedTokens, reference.generated_ids.length);
+        assert.equal(result.stats.promptTokens, reference.prompt_ids.length);
+        assert.ok(result.stats.timeToFirstTokenMs > 0 && result.stats.decodeTokensPerS > 0, JSON.stringify(result.stats));
+      }
+    }
+  } finally {
+    await context.close();
+  }
+});
+
+test('the demo page loads a bundle through the worker with progress, matches the CLI, then loads from cache and offline', TIMEOUT, async () => {
+  const context = await browser.newContext();
+  try {
+    // First visit: everything from the network.
+    let mark = server.requests.length;
+    const first = await withPage(context, async (page) => {
+      const outcome = await pageResult(page, demoUrl({ model: bundleUrl, backend: 'webgpu' }));
+      await page.evaluate(() => navigator.serviceWorker.ready.then(() => true)); // the app shell is cached
+      return outcome;
+    });
+    assert.equal(first.isError, false, JSON.stringify(first.result.error));
+    assert.equal(first.result.backend, 'webgpu');
+    assertSameAsNative(first.result, native.bundle, 'demo page, first load');
+    assertProgress(first.result.progress, { fromCache: false });
+    assert.equal(chunkRequests(mark).length, first.result.progress[0].chunks);
+    assert.equal(first.result.stats.stopReason, 'length');
+
+    // Second visit: no chunk is requested again.
+    mark = server.requests.length;
+    const second = await withPage(context, (page) => pageResult(page, demoUrl({ model: bundleUrl, backend: 'webgpu' })));
+    assert.equal(second.isError, false, JSON.stringify(second.result.error));
+    assertSameAsNative(second.result, native.bundle, 'demo page, from cache');
+    assertProgress(second.result.progress, { fromCache: true });
+    assert.deepEqual(chunkRequests(mark), [], 'a cached load requested chunks');
+
+    // Offline: the browser is offline and the server is gone; the service worker serves the
+    // page and the package serves the model from its cache.
+    const port = server.port;
+    await server.close();
+    await context.setOffline(true);
+    try {
+      const offline = await withPage(context, (page) => pageResult(page, demoUrl({ model: bundleUrl, backend: 'webgpu' })));
+      assert.equal(offline.isError, false, JSON.stringify(offline.result.error));
+      assertSameAsNative(offline.result, native.bundle, 'demo page, offline');
+    } finally {
+      await context.setOffline(false);
+      server = await startServer({ root: REPO, port });
+    }
+  } finally {
+    await context.close();
+  }
+});
+
+test('Stop and AbortSignal end a generation within one token and the model stays usable (worker and main thread)', TIMEOUT, async () => {
+  const context = await browser.newContext();
+  try {
+    for (const worker of [true, false]) {
+      const outcome = await withPage(context, async (page) => {
+        await page.goto(`${server.url}web/index.html`);
+        return page.evaluate(async ({ url, prompt, worker }) => {
+          const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
+          const model = await Phi2.load(url, { worker, cache: false });
+          const run = async (options, onToken) => {
+            const ids = [];
+            for await (const token of model.generate(prompt, options)) {
+              ids.push(token.tokenId);
+              onToken?.(ids.length);
+            }
+            return { ids, stats: model.stats };
+          };
+          const controller = new AbortController();
+          const aborted = await run({ maxTokens: 40, signal: controller.signal }, (n) => n === 3 && controller.abort());
+          const stopped = await run({ maxTokens: 40 }, (n) => n === 2 && model.stop());
+          const broken = { ids: [] };
+          for await (const token of model.generate(prompt, { maxTokens: 40 })) {
+            broken.ids.push(token.tokenId);
+            if (broken.ids.length === 4) break;
+          }
+          broken.stats = model.stats;
+          const after = await run({ maxTokens: 16 });
+          await model.unload();
+          return { aborted, stopped, broken, after };
+        }, { url: bundleUrl, prompt: PROMPT, worker });
+      });
+      process.stderr.write(`[browser test] stop/abort (worker ${worker}): ${JSON.stringify(outcome)}\n`);
+      const { aborted, stopped, broken, after } = outcome;
+      assert.ok(aborted.ids.length <= 4 && aborted.stats.generatedTokens <= 4, `abort took more than one token: ${JSON.stringify(aborted)}`);
+      assert.equal(aborted.stats.stopReason, 'cancelled');
+      assert.ok(stopped.ids.length <= 3 && stopped.stats.generatedTokens <= 3, `stop took more than one token: ${JSON.stringify(stopped)}`);
+      assert.equal(stopped.stats.stopReason, 'cancelled');
+      assert.ok(broken.stats.generatedTokens <= 5 && broken.stats.stopReason === 'cancelled', JSON.stringify(broken));
+      assert.deepEqual(after.ids, native.bundle.generated_ids, 'after stops the model must generate as before');
+      assert.equal(after.stats.reusedTokens, native.bundle.prompt_ids.length - 1, 'the same prompt reuses its cache');
+    }
+  } finally {
+    await context.close();
+  }
+});
+
+test('bad input gives typed errors (name, message, details) that cross the worker boundary', TIMEOUT, async () => {
+  const context = await browser.newContext();
+  try {
+    const errors = await withPage(context, async (page) => {
+      await page.goto(`${server.url}web/index.html`);
+      return page.evaluate(async ({ bundle }) => {
+        const { Phi2, Phi2Error } = await import(new URL('pkg/index.js', location.href).href);
+        const caught = async (what, run) => {
+          try {
+            await run();
+            return { what, thrown: false };
+          } catch (e) {
+            return { what, thrown: true, typed: e instanceof Phi2Error, name: e.name, message: e.message, details: e.details };
+          }
+        };
+        const drain = async (iterator) => {
+          for await (const token of iterator) void token;
+        };
+        const out = [];
+        out.push(await caught('missing bundle', () => Phi2.load('../tests/fixtures/does-not-exist/')));
+        out.push(await caught('not a bundle', () => Phi2.load('../tests/fixtures/phi-tok/config.json')));
+        out.push(await caught('bad backend', () => Phi2.load(bundle, { backend: 'tpu' })));
+        out.push(await caught('generate before load', () => drain(new Phi2().generate('hi'))));
+        const model = await Phi2.load(bundle);
+        out.push(await caught('temperature', () => drain(model.generate('hi', { temperature: -1 }))));
+        out.push(await caught('maxTokens', () => drain(model.generate('hi', { maxTokens: 'many' }))));
+        out.push(await caught('unknown option', () => drain(model.generate('hi', { temprature: 1 }))));
+        out.push(await caught('prompt type', () => drain(model.generate(42))));
+        await model.unload();
+        out.push(await caught('after unload', () => drain(model.generate('hi'))));
+        // A device whose buffers are smaller than the bundle's tensors (limits patched).
+        const local = await Phi2.load(bundle, { worker: false, cache: false });
+        await local.unload();
+        const limits = Object.getOwnPropertyDescriptor(GPUAdapter.prototype, 'limits');
+        Object.defineProperty(GPUAdapter.prototype, 'limits', {
+          configurable: true,
+          get() {
+            return { maxBufferSize: 4096, maxStorageBufferBindingSize: 4096 };
+          },
+        });
+        out.push(await caught('buffer limits', () => Phi2.load(bundle, { worker: false, cache: false })));
+        Object.defineProperty(GPUAdapter.prototype, 'limits', limits);
+        return out;
+      }, { bundle: bundleUrl });
+    });
+    process.stderr.write(`[browser test] errors: ${JSON.stringify(errors, null, 1)}\n`);
+    const expect = {
+      'missing bundle': ['LoadError', /does-not-exist/, { file: /does-not-exist\/manifest\.json/ }],
+      'not a bundle': ['FormatError', /config\.json/, { file: /config\.json/ }],
+      'bad backend': ['OptionError', /tpu/, { option: /^backend$/ }],
+      'generate before load': ['StateError', /Phi2\.load/, {}],
+      temperature: ['OptionError', /-1/, { option: /^temperature$/ }],
+      maxTokens: ['OptionError', /many/, { option: /^maxTokens$/ }],
+      'unknown option': ['OptionError', /temprature/, { option: /^temprature$/ }],
+      'prompt type': ['OptionError', /prompt/, { option: /^prompt$/ }],
+      'after unload': ['StateError', /unloaded/, {}],
+      'buffer limits': ['DeviceError', /4096/, { tensor: /^(model|lm_head)\./ }],
+    };
+    for (const error of errors) {
+      const [name, message, details] = expect[error.what];
+      assert.ok(error.thrown && error.typed, `${error.what}: ${JSON.stringify(error)}`);
+      assert.equal(error.name, name, `${error.what}: ${JSON.stringify(error)}`);
+      assert.match(error.message, message, error.what);
+      for (const [key, pattern] of Object.entries(details)) {
+        assert.match(String(error.details?.[key]), pattern, `${error.what}: details.${key}`);
+      }
+    }
+    assert.equal(errors.length, Object.keys(expect).length);
+
+    // The page shows a load error in words.
+    await withPage(context, async (page) => {
+      const { result, isError } = await pageResult(page, demoUrl({ model: '../tests/fixtures/does-not-exist/' }));
+      assert.equal(isError, true);
+      assert.equal(result.error.name, 'LoadError');
+      const shown = await page.textContent('#error');
+      assert.match(shown, /does-not-exist/, `the error box says: ${shown}`);
+    });
+  } finally {
+    await context.close();
+  }
+});
+
+test('without WebGPU the same API runs on the CPU in wasm and generates the same tokens', TIMEOUT, async () => {
+  const { chromium } = await import('playwright-core');
+  const noGpu = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: CHROMIUM_ARGS.filter((arg) => arg !== '--enable-unsafe-webgpu'),
+  });
+  try {
+    const page = await noGpu.newPage();
+    forwardPageLogs(page, 'no-webgpu page');
+    const { result, isError } = await pageResult(page, demoUrl({ model: bundleUrl, backend: 'auto' }));
+    assert.equal(isError, false, JSON.stringify(result.error));
+    assert.equal(await page.evaluate(async () => (await import(new URL('pkg/index.js', location.href).href)).Phi2.hasWebGPU()), false);
+    assert.equal(result.backend, 'cpu');
+    assertSameAsNative(result, native.bundle, 'CPU fallback');
+    assert.match(await page.textContent('body'), /CPU/, 'the page says it runs on the CPU');
+  } finally {
+    await noGpu.close();
+  }
+});
+
+test('an app bundled with esbuild imports the package and generates in the browser', TIMEOUT, async () => {
+  const app = path.join(REPO, 'target', 'browser-app');
+  rmSync(app, { recursive: true, force: true });
+  mkdirSync(path.join(app, 'node_modules'), { recursive: true });
+  symlinkSync(path.join(REPO, 'pkg'), path.join(app, 'node_modules', 'phi2-web'));
+  writeFileSync(path.join(app, 'main.js'), `
+    import { Phi2 } from 'phi2-web';
+    const out = document.getElementById('result');
+    try {
+      const model = await Phi2.load('../../browser-bundles/phi-tok-q4/');
+      const generatedIds = [];
+      let text = '';
+      for await (const t of model.generate(${JSON.stringify(PROMPT)}, { maxTokens: ${MAX_TOKENS} })) {
+        generatedIds.push(t.tokenId);
+        text += t.text;
+      }
+      out.textContent = JSON.stringify({ generatedIds, text, backend: model.backend });
+    } catch (e) {
+      out.textContent = JSON.stringify({ error: { name: e.name, message: e.message } });
+      out.dataset.error = '1';
+    }
+    out.dataset.done = '1';
+  `);
+  execFileSync(path.join(TESTS, 'node_modules', '.bin', 'esbuild'),
+    ['main.js', '--bundle', '--format=esm', '--outdir=dist'], { cwd: app, stdio: 'inherit' });
+  // The package's worker and wasm are served next to the bundle, as its README says.
+  cpSync(path.join(REPO, 'pkg', 'dist'), path.join(app, 'dist'), { recursive: true, force: false, errorOnExist: false });
+  writeFileSync(path.join(app, 'dist', 'index.html'),
+    '<!doctype html><meta charset="utf-8"><pre id="result"></pre><script type="module" src="main.js"></script>');
+  const context = await browser.newContext();
+  try {
+    const { result, isError } = await withPage(context, (page) => pageResult(page, `${server.url}target/browser-app/dist/index.html`));
+    assert.equal(isError, false, JSON.stringify(result.error));
+    assertSameAsNative(result, native.bundle, 'esbuild app');
+  } finally {
+    await context.close();
+  }
+});
+
+test('the TypeScript typings compile for correct use and reject wrong use', { timeout: 3 * 60 * 1000 }, () => {
+  const dir = path.join(REPO, 'target', 'typings-check');
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(path.join(dir, 'node_modules'), { recursive: true });
+  symlinkSync(path.join(REPO, 'pkg'), path.join(dir, 'node_modules', 'phi2-web'));
+  writeFileSync(path.join(dir, 'tsconfig.json'), JSON.stringify({
+    compilerOptions: { strict: true, noEmit: true, target: 'es2022', module: 'nodenext', moduleResolution: 'nodenext', lib: ['es2022', 'dom'], skipLibCheck: false },
+    files: ['app.ts'],
+  }));
+  writeFileSync(path.join(dir, 'package.json'), '{"type": "module"}');
+  const good = `
+    import { Phi2, Phi2Error, type LoadProgress, type GenerationStats } from 'phi2-web';
+    const progress: LoadProgress[] = [];
+    const model: Phi2 = await Phi2.load('models/phi-2/', { onProgress: (e) => progress.push(e), cache: true, worker: true, signal: new AbortController().signal });
+    let text = '';
+    for await (const { text: piece, tokenId } of model.generate('Instruct: hi\\nOutput:', { maxTokens: 8, temperature: 0.7, topK: 40, topP: 0.9, repetitionPenalty: 1.1, seed: 1, stop: ['\\n'] })) {
+      text += piece + tokenId.toFixed(0);
+    }
+    const stats: GenerationStats | undefined = model.stats;
+    const reason: 'eos' | 'stop' | 'length' | 'cancelled' | null | undefined = stats?.stopReason;
+    try { await model.unload(); } catch (e) { if (e instanceof Phi2Error) console.log(e.name, e.details.tensor, reason, text); }
+    const cached: boolean = await Phi2.isCached('models/phi-2/') && await Phi2.deleteCache('models/phi-2/') && await Phi2.hasWebGPU();
+    console.log(cached, model.info?.backend === 'webgpu');
+  `;
+  const tsc = path.join(TESTS, 'node_modules', '.bin', 'tsc');
+  writeFileSync(path.join(dir, 'app.ts'), good);
+  execFileSync(tsc, ['-p', dir], { stdio: 'inherit' });
+  // One mistake per line: a wrong option type, prompt type, generate option type, item field.
+  writeFileSync(path.join(dir, 'app.ts'), [
+    "import { Phi2 } from 'phi2-web';",
+    "const model = await Phi2.load('x', { cache: 'yes' });",
+    'model.generate(42);',
+    "model.generate('x', { maxTokens: '8' });",
+    "for await (const token of model.generate('x')) console.log(token.txt);",
+  ].join('\n'));
+  let output = '';
+  assert.throws(() => {
+    try {
+      execFileSync(tsc, ['-p', dir], { encoding: 'utf8' });
+    } catch (e) {
+      output = e.stdout;
+      throw e;
+    }
+  }, 'wrong use must not compile');
+  for (const line of [2, 3, 4, 5]) assert.match(output, new RegExp(`app\\.ts\\(${line},`), `no error on line ${line}:\n${output}`);
+});
