@@ -48,8 +48,14 @@ pub enum Error {
     #[error("option `{option}`: {message}")]
     InvalidOption { option: String, message: String },
 
-    #[error("tensor `{tensor}` needs a {bytes}-byte buffer; this device allows at most {limit} bytes")]
-    BufferLimit { tensor: String, bytes: u64, limit: u64 },
+    #[error(
+        "tensor `{tensor}` needs a {bytes}-byte buffer; this device allows at most {limit} bytes"
+    )]
+    BufferLimit {
+        tensor: String,
+        bytes: u64,
+        limit: u64,
+    },
 
     #[error("device: {0}")]
     Device(String),
@@ -106,7 +112,9 @@ impl Error {
             Error::Integrity {
                 location, chunk, ..
             } => vec![("file", location.clone()), ("chunk", chunk.to_string())],
-            Error::Config { field, .. } => vec![("file", "config.json".into()), ("field", field.clone())],
+            Error::Config { field, .. } => {
+                vec![("file", "config.json".into()), ("field", field.clone())]
+            }
             Error::Format { file, .. } => vec![("file", file.clone())],
             Error::TensorShape { name, file, .. } | Error::UnexpectedTensor { name, file } => {
                 vec![("tensor", name.clone()), ("file", file.clone())]

@@ -179,7 +179,11 @@ impl Phi2Model {
     /// result (and `stats` afterwards) holds the figures. `options` is `{maxTokens,
     /// temperature, topK, topP, repetitionPenalty, seed, stop}`, every key optional (greedy by
     /// default). The previous generation ends; its cache serves the prompt's shared start.
-    pub fn generate(&self, prompt: &str, options: JsValue) -> std::result::Result<JsValue, JsValue> {
+    pub fn generate(
+        &self,
+        prompt: &str,
+        options: JsValue,
+    ) -> std::result::Result<JsValue, JsValue> {
         let params = sampling_params(&options).map_err(js_error)?;
         let mut loaded = borrow_loaded(&self.engine)?;
         let ids = loaded.tokenizer.encode(prompt).map_err(js_error)?;
@@ -211,8 +215,13 @@ impl Phi2Model {
                 max_tokens: 1,
                 ..SamplingParams::default()
             };
-            let mut warm = Session::resume(model, session.take(), vec![crate::tokenizer::END_OF_TEXT], params)
-                .map_err(js_error)?;
+            let mut warm = Session::resume(
+                model,
+                session.take(),
+                vec![crate::tokenizer::END_OF_TEXT],
+                params,
+            )
+            .map_err(js_error)?;
             warm.logits(model).await.map_err(js_error)?;
             *session = Some(warm);
             Ok(JsValue::UNDEFINED)
@@ -288,7 +297,9 @@ impl Generation {
                     "this generation was ended by a newer generate() call",
                 ));
             }
-            let session = session.as_mut().expect("the current generation has a session");
+            let session = session
+                .as_mut()
+                .expect("the current generation has a session");
             if state.borrow().stopped {
                 session.cancel();
             }
@@ -374,13 +385,23 @@ impl BundleLoading {
     /// Chunk file names, in the order `push` takes them.
     #[wasm_bindgen(getter, js_name = chunkFiles)]
     pub fn chunk_files(&self) -> Vec<String> {
-        self.loader.manifest().chunks.iter().map(|c| c.file.clone()).collect()
+        self.loader
+            .manifest()
+            .chunks
+            .iter()
+            .map(|c| c.file.clone())
+            .collect()
     }
 
     /// Chunk sizes in bytes, in the same order.
     #[wasm_bindgen(getter, js_name = chunkSizes)]
     pub fn chunk_sizes(&self) -> Vec<f64> {
-        self.loader.manifest().chunks.iter().map(|c| c.size as f64).collect()
+        self.loader
+            .manifest()
+            .chunks
+            .iter()
+            .map(|c| c.size as f64)
+            .collect()
     }
 
     /// Fails with a `DeviceError` naming the tensor if one is larger than the device allows.
@@ -437,7 +458,8 @@ fn sampling_params(options: &JsValue) -> Result<SamplingParams> {
     // One key at a time first, so that a wrong value is reported under its own name.
     for (key, field) in map.iter() {
         let alone = serde_json::json!({ key.clone(): field.clone() });
-        serde_json::from_value::<SamplingParams>(alone).map_err(|e| Error::option(key, e.to_string()))?;
+        serde_json::from_value::<SamplingParams>(alone)
+            .map_err(|e| Error::option(key, e.to_string()))?;
     }
     map.entry("seed").or_insert_with(|| random_seed().into());
     let params: SamplingParams =

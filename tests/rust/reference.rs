@@ -136,7 +136,8 @@ fn resumed_session_reuses_the_shared_prefix() {
         assert!(diff <= LOGIT_TOLERANCE, "{backend:?}: {diff}");
 
         // The same prompt again reuses all but its last token; a different one reuses nothing.
-        let again = Session::resume(&model, Some(resumed), case.ids.clone(), params.clone()).unwrap();
+        let again =
+            Session::resume(&model, Some(resumed), case.ids.clone(), params.clone()).unwrap();
         assert_eq!(again.reused_tokens(), case.ids.len() - 1);
         let mut other = case.ids.clone();
         other[0] = (other[0] + 1) % 100;

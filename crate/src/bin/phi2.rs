@@ -11,8 +11,7 @@ use std::time::Instant;
 use phi2_web::weights::convert::{convert_gguf, convert_hf, synthesize, Summary};
 use phi2_web::weights::load_dir;
 use phi2_web::{
-    block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session,
-    Timings,
+    block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session, Timings,
 };
 use serde_json::json;
 

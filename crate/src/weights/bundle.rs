@@ -279,13 +279,17 @@ impl WordBuffer {
             if self.carry.len() < 4 {
                 return;
             }
-            let word = u32::from_le_bytes([self.carry[0], self.carry[1], self.carry[2], self.carry[3]]);
+            let word =
+                u32::from_le_bytes([self.carry[0], self.carry[1], self.carry[2], self.carry[3]]);
             self.words.push(word);
             self.carry.clear();
         }
         let mut whole = bytes.chunks_exact(4);
-        self.words
-            .extend(whole.by_ref().map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        self.words.extend(
+            whole
+                .by_ref()
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
         self.carry.extend_from_slice(whole.remainder());
     }
 
