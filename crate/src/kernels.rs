@@ -57,6 +57,26 @@ impl Q4Weight {
         }
     }
 
+    /// Rows `ids` of the matrix, dequantized: `[ids.len(), cols]` (an embedding lookup; the
+    /// table itself is never expanded).
+    pub fn rows_of(&self, ids: &[u32], device: &Device) -> Tensor<2> {
+        match self {
+            Q4Weight::Device {
+                codes,
+                scales,
+                cols,
+                ..
+            } => gpu_rows(ids, codes, scales, *cols, device),
+            Q4Weight::Host(matrix) => {
+                let rows: Vec<f32> = ids
+                    .iter()
+                    .flat_map(|&id| matrix.dequantize_row(id as usize))
+                    .collect();
+                Tensor::from_data(TensorData::new(rows, [ids.len(), matrix.cols]), device)
+            }
+        }
+    }
+
     /// `x · Wᵀ + bias` for `x: [tokens, cols]`, giving `[tokens, rows]`.
     pub fn matmul(&self, x: Tensor<2>, bias: &Tensor<1>) -> Tensor<2> {
         match self {
@@ -126,6 +146,34 @@ mod shader {
         f32::reinterpret(select(exponent != 0u32, normal, sign))
     }
 
+    /// The f32 value of column `col` of row `row` (`words_per_row` code words per row).
+    #[cube]
+    fn dequantize(codes: &[u32], scales: &[u32], row: usize, col: usize, words_per_row: usize) -> f32 {
+        let packed = codes[row * words_per_row + col / 8];
+        let code = (packed >> u32::cast_from((col % 8) * 4)) & 15u32;
+        let block = row * (words_per_row / 4) + col / 32;
+        let scale_bits = (scales[block / 2] >> u32::cast_from((block % 2) * 16)) & 65535u32;
+        (f32::cast_from(code) - f32::new(8.0)) * half_to_f32(scale_bits)
+    }
+
+    /// One thread per output value: row `ids[t]`, column `c` of the table.
+    #[cube(launch_unchecked)]
+    pub fn q4_rows_kernel(
+        ids: &[u32],
+        codes: &[u32],
+        scales: &[u32],
+        out: &mut [f32],
+        cols: usize,
+        tokens: usize,
+    ) {
+        let index = ABSOLUTE_POS;
+        if index < tokens * cols {
+            let row = usize::cast_from(ids[index / cols]);
+            let words_per_row = cols.div_ceil(32) * 4;
+            out[index] = dequantize(codes, scales, row, index % cols, words_per_row);
+        }
+    }
+
     /// One thread per output value, looping over its weight row block by block. (A
     /// workgroup-per-output version with a shared-memory reduction failed cubecl's IR
     /// verification in 0.11.3; speed work belongs to the benchmark issue.)
@@ -171,6 +219,48 @@ mod shader {
             out[index] = acc + bias[row];
         }
     }
+}
+
+fn gpu_rows(
+    ids: &[u32],
+    codes: &Tensor<1, Int>,
+    scales: &Tensor<1, Int>,
+    cols: usize,
+    device: &Device,
+) -> Tensor<2> {
+    let tokens = ids.len();
+    let ids = Tensor::<1, Int>::from_data(
+        TensorData::new(ids.to_vec(), [tokens]),
+        (device, DType::U32),
+    );
+    let [ids, codes, scales] = [&ids, codes, scales].map(|t| {
+        t.clone()
+            .try_into_primitive::<Cube>()
+            .expect("a tensor on a cubecl device")
+    });
+    let client = codes.client.clone();
+    let out = CubeTensor::new_contiguous(
+        client.clone(),
+        codes.device.clone(),
+        Shape::new([tokens, cols]),
+        client.empty(tokens * cols * 4),
+        DType::F32,
+    );
+    let len = |t: &CubeTensor| t.meta.shape().iter().product::<usize>();
+    unsafe {
+        shader::q4_rows_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static((tokens * cols).div_ceil(WORKGROUP as usize) as u32, 1, 1),
+            CubeDim::new_1d(WORKGROUP),
+            BufferArg::from_raw_parts(ids.handle.clone(), tokens),
+            BufferArg::from_raw_parts(codes.handle.clone(), len(&codes)),
+            BufferArg::from_raw_parts(scales.handle.clone(), len(&scales)),
+            BufferArg::from_raw_parts(out.handle.clone(), tokens * cols),
+            cols,
+            tokens,
+        );
+    }
+    Tensor::from_primitive::<Cube>(out)
 }
 
 fn cube(tensor: Tensor<2>) -> CubeTensor {

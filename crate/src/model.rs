@@ -7,11 +7,9 @@
 use burn::tensor::activation::{gelu_approximate, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use std::sync::Arc;
 
 use crate::config::PhiConfig;
 use crate::kernels::Q4Weight;
-use crate::quant::Q4Matrix;
 use crate::weights::safetensors::Weights;
 use crate::weights::{LayerParam, Slot};
 
@@ -48,7 +46,7 @@ impl Linear {
 #[allow(clippy::large_enum_variant)] // a few per model, not worth a box
 pub enum Embedding {
     Dense(Tensor<2>),
-    Q4(Arc<Q4Matrix>),
+    Q4(Q4Weight),
 }
 
 impl Embedding {
@@ -59,13 +57,7 @@ impl Embedding {
                 let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens.len()]), device);
                 table.clone().select(0, ids)
             }
-            Embedding::Q4(table) => {
-                let rows: Vec<f32> = tokens
-                    .iter()
-                    .flat_map(|&t| table.dequantize_row(t as usize))
-                    .collect();
-                Tensor::from_data(TensorData::new(rows, [tokens.len(), table.cols]), device)
-            }
+            Embedding::Q4(table) => table.rows_of(tokens, device),
         }
     }
 }

@@ -28,7 +28,7 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
 }
 
 #[test]
-fn q4_matmul_matches_the_reference_on_odd_shapes() {
+fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
     for backend in BACKENDS {
         let device = block_on(backend.device()).unwrap();
         for (tokens, rows, cols) in [
@@ -46,7 +46,21 @@ fn q4_matmul_matches_the_reference_on_odd_shapes() {
             for (i, v) in expected.iter_mut().enumerate() {
                 *v += bias[i % rows];
             }
+            // Row lookups (the embedding), duplicates and the last row included.
+            let ids = [rows - 1, 0, rows / 2, rows - 1].map(|r| r as u32);
+            let expected_rows: Vec<f32> = ids
+                .iter()
+                .flat_map(|&id| matrix.dequantize_row(id as usize))
+                .collect();
             let weight = Q4Weight::upload(matrix, &device);
+            let looked_up = block_on(weight.rows_of(&ids, &device).into_data_async())
+                .unwrap()
+                .try_into_vec::<f32>()
+                .unwrap();
+            assert_eq!(
+                looked_up, expected_rows,
+                "{backend:?} rows of {rows}x{cols}"
+            );
             let x = burn::tensor::Tensor::<2>::from_data(
                 burn::tensor::TensorData::new(x, [tokens, cols]),
                 &device,

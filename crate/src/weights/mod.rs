@@ -80,25 +80,16 @@ impl BundleLoader {
         self.stream.manifest()
     }
 
-    /// Fails, naming the tensor, if one that goes to the device is larger than the device's
-    /// largest buffer (the embedding table stays on the host).
+    /// Fails, naming the tensor, if one is larger than the device's largest buffer.
     pub fn check_buffer_limit(&self, max_buffer_bytes: u64) -> Result<()> {
-        let manifest = self.manifest();
-        for entry in &manifest.tensors {
-            let on_host = entry.dtype == bundle::TensorDtype::Q4
-                && matches!(
-                    names::target(&entry.name, &manifest.config),
-                    Some(names::Target::One(Slot::Embedding))
-                );
-            if !on_host && entry.size > max_buffer_bytes {
-                return Err(Error::BufferLimit {
-                    tensor: entry.name.clone(),
-                    bytes: entry.size,
-                    limit: max_buffer_bytes,
-                });
-            }
+        match self.manifest().tensors.iter().find(|t| t.size > max_buffer_bytes) {
+            Some(entry) => Err(Error::BufferLimit {
+                tensor: entry.name.clone(),
+                bytes: entry.size,
+                limit: max_buffer_bytes,
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Verifies chunk `index` and uploads the tensors it completes; `location` names it.

@@ -4,7 +4,6 @@
 //! the device as soon as it is read, so host memory never holds more than one shard.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
@@ -28,8 +27,7 @@ pub struct HostTensor {
 #[allow(clippy::large_enum_variant)] // a few per model, not worth a box
 enum Stored {
     Dense(Tensor<1>),
-    Q4Linear(Q4Weight),
-    Q4Embedding(Arc<Q4Matrix>),
+    Q4(Q4Weight),
 }
 
 /// Collects the model's parameters on the device, shard by shard (or chunk by chunk).
@@ -92,21 +90,16 @@ impl WeightAssembler {
         self.store(slot, Stored::Dense(on_device), file)
     }
 
-    /// Places one 4-bit parameter (checkpoint layout `[out, in]`): linear weights go to the
-    /// device as packed words, the embedding table stays on the host.
+    /// Places one 4-bit parameter (checkpoint layout `[out, in]`): a linear weight or the
+    /// embedding table, as packed words on the device.
     pub fn insert_q4(&mut self, slot: Slot, matrix: Q4Matrix, file: &str) -> Result<()> {
-        let stored = match slot {
-            Slot::Embedding => Stored::Q4Embedding(Arc::new(matrix)),
-            _ if slot.is_linear_weight() => {
-                Stored::Q4Linear(Q4Weight::upload(matrix, &self.device))
-            }
-            _ => {
-                return Err(Error::format(
-                    file,
-                    format!("tensor `{}` cannot be 4-bit", slot.hf_name()),
-                ))
-            }
-        };
+        if slot != Slot::Embedding && !slot.is_linear_weight() {
+            return Err(Error::format(
+                file,
+                format!("tensor `{}` cannot be 4-bit", slot.hf_name()),
+            ));
+        }
+        let stored = Stored::Q4(Q4Weight::upload(matrix, &self.device));
         self.store(slot, stored, file)
     }
 
@@ -172,8 +165,8 @@ impl Weights {
     pub fn take_linear(&mut self, weight: Slot, bias: Slot) -> Linear {
         let bias = self.take(bias);
         match self.tensors.get(&weight) {
-            Some(Stored::Q4Linear(_)) => match self.remove(weight) {
-                Stored::Q4Linear(weight) => Linear::Q4 { weight, bias },
+            Some(Stored::Q4(_)) => match self.remove(weight) {
+                Stored::Q4(weight) => Linear::Q4 { weight, bias },
                 _ => unreachable!(),
             },
             _ => Linear::Dense {
@@ -189,8 +182,7 @@ impl Weights {
                 let shape = Slot::Embedding.shape(&self.config);
                 Embedding::Dense(flat.reshape([shape[0], shape[1]]))
             }
-            Stored::Q4Embedding(table) => Embedding::Q4(table),
-            Stored::Q4Linear(_) => unreachable!("insert_q4 keeps the embedding on the host"),
+            Stored::Q4(table) => Embedding::Q4(table),
         }
     }
 }
