@@ -146,14 +146,16 @@ mod shader {
         f32::reinterpret(select(exponent != 0u32, normal, sign))
     }
 
-    /// The f32 value of column `col` of row `row` (`words_per_row` code words per row).
+    /// The scale of block `block` (two f16 scales per word).
     #[cube]
-    fn dequantize(codes: &[u32], scales: &[u32], row: usize, col: usize, words_per_row: usize) -> f32 {
-        let packed = codes[row * words_per_row + col / 8];
-        let code = (packed >> u32::cast_from((col % 8) * 4)) & 15u32;
-        let block = row * (words_per_row / 4) + col / 32;
-        let scale_bits = (scales[block / 2] >> u32::cast_from((block % 2) * 16)) & 65535u32;
-        (f32::cast_from(code) - f32::new(8.0)) * half_to_f32(scale_bits)
+    fn block_scale(scales: &[u32], block: usize) -> f32 {
+        half_to_f32((scales[block / 2] >> u32::cast_from((block % 2) * 16)) & 65535u32)
+    }
+
+    /// The signed value (-8..7) of code `i` (0..8) of a packed word, low nibble first.
+    #[cube]
+    fn code_value(packed: u32, i: usize) -> f32 {
+        f32::cast_from((packed >> u32::cast_from(i * 4)) & 15u32) - f32::new(8.0)
     }
 
     /// One thread per output value: row `ids[t]`, column `c` of the table.
@@ -169,8 +171,11 @@ mod shader {
         let index = ABSOLUTE_POS;
         if index < tokens * cols {
             let row = usize::cast_from(ids[index / cols]);
+            let col = index % cols;
             let words_per_row = cols.div_ceil(32) * 4;
-            out[index] = dequantize(codes, scales, row, index % cols, words_per_row);
+            let packed = codes[row * words_per_row + col / 8];
+            let block = row * (words_per_row / 4) + col / 32;
+            out[index] = code_value(packed, col % 8) * block_scale(scales, block);
         }
     }
 
@@ -200,20 +205,16 @@ mod shader {
             while word < words_per_row {
                 let packed = codes[row * words_per_row + word];
                 let block = row * (words_per_row / 4) + word / 4;
-                let shift = u32::cast_from((block % 2) * 16);
-                let scale_bits = (scales[block / 2] >> shift) & 65535u32;
                 let base = word * 8;
                 let mut part = f32::new(0.0);
                 #[unroll]
                 for i in 0..8usize {
                     let col = base + i;
                     if col < cols {
-                        let code = (packed >> u32::cast_from(i * 4)) & 15u32;
-                        let q = f32::cast_from(code) - f32::new(8.0);
-                        part += q * x[x_row + col * x_col];
+                        part += code_value(packed, i) * x[x_row + col * x_col];
                     }
                 }
-                acc += part * half_to_f32(scale_bits);
+                acc += part * block_scale(scales, block);
                 word += 1;
             }
             out[index] = acc + bias[row];
