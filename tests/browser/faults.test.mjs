@@ -3,7 +3,8 @@
 // For each, a model of the documented policy (4 attempts per download with backoff; a chunk
 // that fails its sha256 is fetched once more) says whether the load must succeed; then it must
 // generate the CLI's tokens, or fail with a typed error naming the file — never hang, never
-// keep a corrupt chunk. The cache carries over between scenarios (resumed loads).
+// keep a corrupt chunk. The cache carries over between scenarios (resumed loads), and a chunk
+// verified by an earlier load is never downloaded again.
 //
 //   node --test tests/browser/          (needs what product.test.mjs needs)
 
@@ -137,7 +138,12 @@ test(`the loader recovers from transient faults and names the file otherwise (${
     const cache = await caches.open('phi2-web-bundles-v1');
     return Boolean(await cache.match(new URL('manifest.json', new URL(url, location.href)).href));
   }, `../${BUNDLE}/`);
+  const cachedChunks = async () => page.evaluate(async () => {
+    const cache = await caches.open('phi2-web-bundles-v1');
+    return (await cache.keys()).map((r) => new URL(r.url).pathname).filter((p) => /chunk-/.test(p));
+  });
   const outcomes = { ok: 0 };
+  let verified = [];
   for (let seed = 1; seed <= SCENARIOS; seed++) {
     // Every third scenario starts from an empty cache; the others resume what is cached.
     if (seed % 3 === 1) {
@@ -145,6 +151,7 @@ test(`the loader recovers from transient faults and names the file otherwise (${
         const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
         await Phi2.deleteCache(url);
       }, `../${BUNDLE}/`);
+      verified = [];
     }
     const faults = scenario(seed, files);
     planned = new Map([...faults].map(([file, list]) => [file, [...list]]));
@@ -156,6 +163,11 @@ test(`the loader recovers from transient faults and names the file otherwise (${
     const requested = new Set(requests.map((r) => r.path));
     const label = `seed ${seed}: ${JSON.stringify([...faults].filter(([, l]) => l.length))} → ${JSON.stringify(result).slice(0, 300)} (${Date.now() - started} ms; requests: ${requests.map((r) => `${r.path.split('/').pop()} ${r.status}${r.fault ? ' ' + JSON.stringify(r.fault) : ''}`).join(', ')})`;
     process.stderr.write(`[faults] ${label}\n`);
+
+    // A chunk verified (and so cached) by an earlier load is never downloaded again.
+    const again = verified.filter((chunk) => requested.has(chunk));
+    assert.deepEqual(again, [], `verified chunks downloaded twice: ${label}`);
+    verified = await cachedChunks();
 
     // The manifest is always asked for (it may have changed); other files only when not cached.
     let expected = 'ok';
@@ -181,6 +193,18 @@ test(`the loader recovers from transient faults and names the file otherwise (${
     outcomes[result.ok ? 'ok' : result.name] = (outcomes[result.ok ? 'ok' : result.name] ?? 0) + 1;
   }
   process.stderr.write(`[faults] outcomes: ${JSON.stringify(outcomes)}\n`);
+  const served = { 503: 0, 404: 0, drop: 0, corrupt: 0 };
+  for (const request of server.requests) {
+    const fault = request.fault ?? {};
+    if (fault.status) served[fault.status] += 1;
+    if (fault.dropAfter !== undefined) served.drop += 1;
+    if (fault.corruptAt !== undefined) served.corrupt += 1;
+  }
+  console.log([
+    '| scenarios | loads that succeeded (CLI tokens) | LoadError | IntegrityError | faults served: 503 / 404 / cut / corrupt |',
+    '| --- | --- | --- | --- | --- |',
+    `| ${SCENARIOS} | ${outcomes.ok} | ${outcomes.LoadError ?? 0} | ${outcomes.IntegrityError ?? 0} | ${served[503]} / ${served[404]} / ${served.drop} / ${served.corrupt} |`,
+  ].join('\n'));
   assert.ok(outcomes.ok >= 10 && Object.keys(outcomes).length >= 3, `the scenarios should mix outcomes: ${JSON.stringify(outcomes)}`);
 
   // Nothing corrupt was kept: with the faults gone, the load succeeds, and a second load makes
