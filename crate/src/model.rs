@@ -7,7 +7,6 @@
 use burn::tensor::activation::{gelu_approximate, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-
 use crate::config::PhiConfig;
 use crate::kernels::Q4Weight;
 use crate::weights::safetensors::Weights;

@@ -82,7 +82,12 @@ impl BundleLoader {
 
     /// Fails, naming the tensor, if one is larger than the device's largest buffer.
     pub fn check_buffer_limit(&self, max_buffer_bytes: u64) -> Result<()> {
-        match self.manifest().tensors.iter().find(|t| t.size > max_buffer_bytes) {
+        match self
+            .manifest()
+            .tensors
+            .iter()
+            .find(|t| t.size > max_buffer_bytes)
+        {
             Some(entry) => Err(Error::BufferLimit {
                 tensor: entry.name.clone(),
                 bytes: entry.size,
