@@ -7,8 +7,12 @@ import { manifestUrl, openCache } from './cache.js';
 import { abortError, Phi2Error } from './errors.js';
 import { gpuAdapter, maxBufferBytes, requestSubgroupsWhenOffered } from './webgpu.js';
 
-/** Chunks fetched at once: 3 × 32 MiB in flight keeps the JS heap near 100 MB. */
 const DEFAULT_CONCURRENCY = 3;
+/**
+ * Chunk bytes downloading or waiting for the engine at once: with 32 MiB chunks, two. This is
+ * the JS side of the loader's memory (the wasm side holds one chunk and the largest tensor).
+ */
+const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 const ATTEMPTS = 4;
 const RETRY_DELAY_MS = 500;
 /** A download attempt that receives nothing for this long is abandoned and retried. */
@@ -245,13 +249,20 @@ export class Engine {
         });
       };
 
-      // Up to `concurrency` chunks in flight; the engine takes them in order.
+      // Up to `concurrency` chunks and MAX_IN_FLIGHT_BYTES in flight (always at least one);
+      // the engine takes them in order.
       const inFlight = new Map();
+      let inFlightBytes = 0;
       let nextToFetch = 0;
       for (let index = 0; index < chunks; index++) {
-        while (nextToFetch < chunks && inFlight.size < concurrency) {
+        while (
+          nextToFetch < chunks &&
+          inFlight.size < concurrency &&
+          (inFlight.size === 0 || inFlightBytes + chunkSizes[nextToFetch] <= MAX_IN_FLIGHT_BYTES)
+        ) {
           const pending = fetchChunk(nextToFetch);
           pending.catch(() => {}); // awaited in turn below; no unhandled-rejection noise
+          inFlightBytes += chunkSizes[nextToFetch];
           inFlight.set(nextToFetch++, pending);
         }
         let file = await inFlight.get(index);
@@ -269,6 +280,7 @@ export class Engine {
         }
         if (!file.fromCache) await cachePut(cache, chunkHrefs[index], file.bytes, warnings);
         bufferedBytes -= file.bytes.length;
+        inFlightBytes -= chunkSizes[index];
         uploaded += 1;
         report('upload', uploaded);
       }

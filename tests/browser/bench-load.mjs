@@ -1,4 +1,4 @@
-// Browser load benchmark: loads a bundle (default: the synthetic full-size Phi-2 from
+// Browser load benchmark (--tokens 0: load only): loads a bundle (default: the synthetic full-size Phi-2 from
 // `phi2 synth --preset phi-2`) with the package in headless Chromium, from the network and then
 // from the cache, and prints figures as JSON: load times, peak JS heap (sampled over CDP), wasm
 // memory, and the most chunk bytes the loader held at once. Not a test: it asserts nothing.
@@ -68,7 +68,9 @@ async function load(label) {
     const model = await Phi2.load('../target/bench-bundle/', { worker: false, backend });
     const loadMs = performance.now() - started;
     let generated = 0;
-    for await (const token of model.generate('Instruct: Say hello.\nOutput:', { maxTokens: tokens })) generated += token ? 1 : 0;
+    if (tokens > 0) {
+      for await (const token of model.generate('Instruct: Say hello.\nOutput:', { maxTokens: tokens })) generated += token ? 1 : 0;
+    }
     const result = { loadMs, info: model.info, stats: model.stats, generated };
     await model.unload();
     return result;
@@ -95,8 +97,8 @@ const summary = (run) => ({
   wasm_memory_mb: mb(run.info.wasmMemoryBytes),
   peak_buffered_chunks_mb: mb(run.info.peakBufferedBytes),
   peak_js_plus_wasm_mb: mb(run.peakJsHeapBytes + run.info.wasmMemoryBytes + run.info.peakBufferedBytes),
-  time_to_first_token_s: run.stats.timeToFirstTokenMs / 1000,
-  decode_tokens_per_s: run.stats.decodeTokensPerS,
+  time_to_first_token_s: run.stats ? run.stats.timeToFirstTokenMs / 1000 : null,
+  decode_tokens_per_s: run.stats ? run.stats.decodeTokensPerS : null,
 });
 console.log(JSON.stringify({
   bundle: bundleDir,
