@@ -111,6 +111,9 @@ struct Loaded {
 /// `None` once unloaded.
 type Engine = Rc<RefCell<Option<Loaded>>>;
 
+/// The model for one call. Async calls keep this borrow across their awaits on purpose: it is
+/// the lock that makes a second call while a step runs fail with a `StateError` (every borrow is
+/// a `try_borrow_mut`, so nothing panics).
 fn borrow_loaded(engine: &Engine) -> std::result::Result<RefMut<'_, Loaded>, JsValue> {
     let guard = engine.try_borrow_mut().map_err(|_| {
         state_error("the model is busy with a running step; await it before calling again")
@@ -206,6 +209,7 @@ impl Phi2Model {
     /// Runs one token through the model so that every GPU pipeline is compiled before the
     /// first real prompt (compiling costs seconds on first use).
     #[wasm_bindgen(js_name = warmUp)]
+    #[allow(clippy::await_holding_refcell_ref)] // the borrow is the lock: see `borrow_loaded`
     pub fn warm_up(&self) -> Promise {
         let engine = self.engine.clone();
         future_to_promise(async move {
@@ -277,6 +281,7 @@ fn iterator_result(done: bool, value: &JsValue) -> JsValue {
 impl Generation {
     /// Resolves to `{done: false, value: {tokenId, text}}` for each token, then to
     /// `{done: true, value: stats}`.
+    #[allow(clippy::await_holding_refcell_ref)] // the borrow is the lock: see `borrow_loaded`
     pub fn next(&self) -> Promise {
         let engine = self.engine.clone();
         let state = self.state.clone();
