@@ -40,8 +40,8 @@ impl Linear {
     }
 }
 
-/// The token embedding table. A 4-bit table stays in host memory: a step needs only its
-/// few rows, dequantized on the CPU and uploaded.
+/// The token embedding table. A 4-bit table stays packed where its backend computes (the GPU,
+/// or host memory for the CPU backend); a step dequantizes only the rows it looks up.
 #[allow(clippy::large_enum_variant)] // a few per model, not worth a box
 pub enum Embedding {
     Dense(Tensor<2>),
