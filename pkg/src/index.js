@@ -14,6 +14,9 @@ import { gpuAdapter } from './webgpu.js';
 
 export { ERROR_NAMES, Phi2Error };
 
+/** What relative URLs mean: the page's base (also for the worker, which has its own). */
+const pageBase = () => globalThis.document?.baseURI ?? globalThis.location?.href;
+
 /** The engine inside a Web Worker, behind the same interface as Engine. */
 class WorkerEngine {
   #worker;
@@ -159,10 +162,9 @@ export class Phi2 {
       throw new Phi2Error('OptionError', 'onProgress must be a function', { option: 'onProgress' });
     }
     if (signal?.aborted) throw abortError(signal);
-    // Relative URLs mean relative to the page, also for the worker (which has its own base).
-    const href = manifestUrl(url, globalThis.document?.baseURI ?? globalThis.location?.href);
+    const href = manifestUrl(url, pageBase());
     for (const key of ['workerUrl', 'wasmUrl']) {
-      if (rest[key] !== undefined) rest[key] = new URL(rest[key], globalThis.document?.baseURI ?? globalThis.location?.href).href;
+      if (rest[key] !== undefined) rest[key] = new URL(rest[key], pageBase()).href;
     }
     if (rest.cache !== false) {
       // Ask that the cached model survive storage pressure (granted silently or not at all;
@@ -233,12 +235,12 @@ export class Phi2 {
 
   /** Whether the bundle at `url` is fully in the cache (loading it needs no network). */
   static isCached(url) {
-    return isCached(manifestUrl(url, globalThis.document?.baseURI ?? globalThis.location?.href));
+    return isCached(manifestUrl(url, pageBase()));
   }
 
   /** Removes the bundle at `url` from the cache; resolves to whether anything was removed. */
   static deleteCache(url) {
-    return deleteCache(manifestUrl(url, globalThis.document?.baseURI ?? globalThis.location?.href));
+    return deleteCache(manifestUrl(url, pageBase()));
   }
 
   /** Whether this browser can run the model on the GPU (otherwise it runs on the CPU). */

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{load, max_abs_diff, reference, BACKENDS};
+use common::{greedy_ids, load, max_abs_diff, next_logits, reference, BACKENDS};
 use phi2_web::{block_on, BackendKind, SamplingParams, Session};
 
 const FIXTURES: [&str; 4] = ["phi-tok", "phi-80", "phi-80-old", "phi-odd"];
@@ -12,10 +12,7 @@ const LOGIT_TOLERANCE: f32 = 1e-4;
 fn last_logits(fixture: &str, backend: BackendKind) {
     let (model, _) = load(fixture, backend);
     for case in reference(fixture).cases {
-        let mut session =
-            Session::new(&model, case.ids.clone(), SamplingParams::default()).unwrap();
-        let logits = block_on(session.logits(&model)).unwrap();
-        let diff = max_abs_diff(&logits, &case.last_logits);
+        let diff = max_abs_diff(&next_logits(&model, &case.ids), &case.last_logits);
         eprintln!(
             "{fixture} {backend:?} ids={}: max |Δlogit| = {diff:.2e}",
             case.ids.len()
@@ -30,17 +27,8 @@ fn last_logits(fixture: &str, backend: BackendKind) {
 fn greedy(fixture: &str, backend: BackendKind) {
     let (model, tokenizer) = load(fixture, backend);
     for case in reference(fixture).cases {
-        let params = SamplingParams {
-            max_tokens: case.greedy_ids.len(),
-            ..SamplingParams::default()
-        };
-        let mut session = Session::new(&model, case.ids.clone(), params).unwrap();
-        while block_on(session.next(&model, &tokenizer))
-            .unwrap()
-            .is_some()
-        {}
         assert_eq!(
-            session.generated_ids(),
+            greedy_ids(&model, &tokenizer, &case.ids, case.greedy_ids.len()),
             case.greedy_ids,
             "{fixture} on {backend:?}"
         );

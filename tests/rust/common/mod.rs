@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use phi2_web::{block_on, BackendKind, Phi, PhiTokenizer};
+use phi2_web::{block_on, BackendKind, Phi, PhiTokenizer, SamplingParams, Session};
 use serde::Deserialize;
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -42,6 +42,23 @@ pub fn load(name: &str, backend: BackendKind) -> (Phi, PhiTokenizer) {
     let device = block_on(backend.device()).unwrap();
     phi2_web::weights::load_dir(&fixture(name), &device)
         .unwrap_or_else(|e| panic!("loading {name} on {backend:?}: {e}"))
+}
+
+/// The logits of the position after `ids`.
+pub fn next_logits(model: &Phi, ids: &[u32]) -> Vec<f32> {
+    let mut session = Session::new(model, ids.to_vec(), SamplingParams::default()).unwrap();
+    block_on(session.logits(model)).unwrap()
+}
+
+/// `count` tokens of greedy continuation of `ids`.
+pub fn greedy_ids(model: &Phi, tokenizer: &PhiTokenizer, ids: &[u32], count: usize) -> Vec<u32> {
+    let params = SamplingParams {
+        max_tokens: count,
+        ..SamplingParams::default()
+    };
+    let mut session = Session::new(model, ids.to_vec(), params).unwrap();
+    while block_on(session.next(model, tokenizer)).unwrap().is_some() {}
+    session.generated_ids().to_vec()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
