@@ -26,9 +26,10 @@ apt_install() {
 }
 
 # Chromium drives the browser tests (WebGPU on SwiftShader); Mesa's EGL/GL (llvmpipe) gives
-# native wgpu an adapter on machines without a GPU; wabt's wasm-strip drops the wasm's name
+# native wgpu an adapter on machines without a GPU, and its lavapipe (Vulkan, with subgroups
+# and shader-f16) runs every 4-bit kernel variant; wabt's wasm-strip drops the wasm's name
 # section (half the file) from release builds.
-apt_install chromium libegl1 libegl-mesa0 libgl1-mesa-dri wabt
+apt_install chromium libegl1 libegl-mesa0 libgl1-mesa-dri mesa-vulkan-drivers wabt
 
 # wasm32 target: rustup when its server answers, otherwise Debian's rustc-web (same 1.9x
 # compiler) with the std sources, built by cargo's -Zbuild-std.

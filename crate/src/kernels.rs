@@ -2,16 +2,20 @@
 //! a cubecl kernel on GPU backends (wgpu natively, WebGPU in the browser), a plain loop on
 //! burn's CPU backend. No float copy of a weight is ever made.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use burn::backend::wgpu::CubeTensor;
 use burn::backend::{Cube, DispatchDevice};
 use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+use cubecl::client::Client;
+use cubecl::features::{Plane, TypeUsage};
+use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::{BufferArg, CubeCount, CubeDim};
 
 use crate::quant::{padded_cols, Q4Matrix, BLOCK};
 
-/// Threads per workgroup. No subgroup operations: browsers' WebGPU device may lack them.
+/// Threads per workgroup (at least one subgroup for the subgroup kernel).
 const WORKGROUP: u32 = 64;
 
 /// A 4-bit weight `[rows = out features, cols = in features]` where the model runs.
@@ -23,6 +27,7 @@ pub enum Q4Weight {
         scales: Tensor<1, Int>,
         rows: usize,
         cols: usize,
+        plan: KernelPlan,
     },
     /// On the CPU backend the packed matrix stays in host memory.
     Host(Arc<Q4Matrix>),
@@ -43,6 +48,7 @@ impl Q4Weight {
         };
         let scales = words(matrix.scale_words());
         Q4Weight::Device {
+            plan: KernelPlan::best(device).unwrap_or(KernelPlan::PORTABLE),
             rows: matrix.rows,
             cols: matrix.cols,
             codes: words(matrix.codes),
@@ -77,15 +83,26 @@ impl Q4Weight {
         }
     }
 
-    /// `x · Wᵀ + bias` for `x: [tokens, cols]`, giving `[tokens, rows]`.
+    /// `x · Wᵀ + bias` for `x: [tokens, cols]`, giving `[tokens, rows]`, with the device's
+    /// best kernels.
     pub fn matmul(&self, x: Tensor<2>, bias: &Tensor<1>) -> Tensor<2> {
+        match self {
+            Q4Weight::Device { plan, .. } => self.matmul_with(x, bias, *plan),
+            Q4Weight::Host(matrix) => cpu_matmul(x, matrix, bias),
+        }
+    }
+
+    /// [`Self::matmul`] with the kernels of `plan` (which the device must support; see
+    /// [`KernelPlan::supported`]). The CPU backend has one way only.
+    pub fn matmul_with(&self, x: Tensor<2>, bias: &Tensor<1>, plan: KernelPlan) -> Tensor<2> {
         match self {
             Q4Weight::Device {
                 codes,
                 scales,
                 rows,
                 cols,
-            } => gpu_matmul(x, codes, scales, bias, *rows, *cols),
+                ..
+            } => gpu_matmul(x, codes, scales, bias, *rows, *cols, plan),
             Q4Weight::Host(matrix) => cpu_matmul(x, matrix, bias),
         }
     }
@@ -158,6 +175,14 @@ mod shader {
         f32::cast_from((packed >> u32::cast_from(i * 4)) & 15u32) - f32::new(8.0)
     }
 
+    /// `output = input`, one word per thread (the benchmark's memory-copy bandwidth).
+    #[cube(launch_unchecked)]
+    pub fn copy_kernel(input: &[u32], output: &mut [u32], len: usize) {
+        if ABSOLUTE_POS < len {
+            output[ABSOLUTE_POS] = input[ABSOLUTE_POS];
+        }
+    }
+
     /// One thread per output value: row `ids[t]`, column `c` of the table.
     #[cube(launch_unchecked)]
     pub fn q4_rows_kernel(
@@ -179,11 +204,33 @@ mod shader {
         }
     }
 
-    /// One thread per output value, looping over its weight row block by block. (A
-    /// workgroup-per-output version with a shared-memory reduction failed cubecl's IR
-    /// verification in 0.11.3; speed work belongs to the benchmark issue.)
+    /// `Σ code·x` over the 8 codes of one packed word (those inside the row), the products
+    /// and their sum in `F` (f32, or f16 where the adapter has `shader-f16`).
+    #[cube]
+    fn word_dot<F: Float>(
+        x: &Tensor<f32>,
+        x_row: usize,
+        packed: u32,
+        word: usize,
+        cols: usize,
+    ) -> f32 {
+        let x_col = x.stride(1);
+        let base = word * 8;
+        let mut part = F::new(0.0);
+        #[unroll]
+        for i in 0..8usize {
+            let col = base + i;
+            if col < cols {
+                part += F::cast_from(code_value(packed, i)) * F::cast_from(x[x_row + col * x_col]);
+            }
+        }
+        f32::cast_from(part)
+    }
+
+    /// One thread per output value, looping over its weight row word by word. Needs nothing
+    /// beyond core WebGPU.
     #[cube(launch_unchecked)]
-    pub fn q4_matmul_kernel(
+    pub fn q4_matmul_kernel<F: Float>(
         x: &Tensor<f32>,
         codes: &[u32],
         scales: &[u32],
@@ -197,29 +244,153 @@ mod shader {
         if index < rows * tokens {
             let token = index / rows;
             let row = index % rows;
-            let x_row = token * x.stride(0);
-            let x_col = x.stride(1);
             let words_per_row = cols.div_ceil(32) * 4;
             let mut acc = f32::new(0.0);
             let mut word = 0usize;
             while word < words_per_row {
                 let packed = codes[row * words_per_row + word];
                 let block = row * (words_per_row / 4) + word / 4;
-                let base = word * 8;
-                let mut part = f32::new(0.0);
-                #[unroll]
-                for i in 0..8usize {
-                    let col = base + i;
-                    if col < cols {
-                        part += code_value(packed, i) * x[x_row + col * x_col];
-                    }
-                }
-                acc += part * block_scale(scales, block);
+                acc += word_dot::<F>(x, token * x.stride(0), packed, word, cols)
+                    * block_scale(scales, block);
                 word += 1;
             }
             out[index] = acc + bias[row];
         }
     }
+
+    /// One subgroup (plane) per output value: its lanes stride over the row's words, so
+    /// neighbouring lanes read neighbouring words, and `plane_sum` adds their parts. Correct for
+    /// any subgroup size: the plane's position and stride come from `PLANE_DIM` at run time.
+    /// `plane_sum` is reached by every invocation (WGSL requires uniform control flow there):
+    /// planes past the end run an empty loop and write nothing.
+    #[cube(launch_unchecked)]
+    pub fn q4_matmul_plane_kernel<F: Float>(
+        x: &Tensor<f32>,
+        codes: &[u32],
+        scales: &[u32],
+        bias: &[f32],
+        out: &mut [f32],
+        cols: usize,
+        rows: usize,
+        tokens: usize,
+    ) {
+        let planes_per_cube = usize::cast_from(CUBE_DIM / PLANE_DIM);
+        let plane = CUBE_POS * planes_per_cube + usize::cast_from(UNIT_POS / PLANE_DIM);
+        let valid = plane < rows * tokens;
+        let index = select(valid, plane, 0usize);
+        let token = index / rows;
+        let row = index % rows;
+        let words_per_row = cols.div_ceil(32) * 4;
+        let end = select(valid, words_per_row, 0usize);
+        let mut acc = f32::new(0.0);
+        let mut word = usize::cast_from(UNIT_POS_PLANE);
+        while word < end {
+            let packed = codes[row * words_per_row + word];
+            let block = row * (words_per_row / 4) + word / 4;
+            acc += word_dot::<F>(x, token * x.stride(0), packed, word, cols)
+                * block_scale(scales, block);
+            word += usize::cast_from(PLANE_DIM);
+        }
+        let total = plane_sum(acc);
+        if valid && UNIT_POS_PLANE == 0 {
+            out[index] = total + bias[row];
+        }
+    }
+}
+
+/// How a GPU device runs the 4-bit matmul, from what its adapter offers. Every combination
+/// computes the same function; the portable one (`{subgroups: false, f16: false}`) runs on any
+/// WebGPU device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelPlan {
+    /// One subgroup per output value (coalesced reads, one `subgroupAdd`) instead of one
+    /// thread per output value.
+    pub subgroups: bool,
+    /// Products of codes and activations in f16 (`shader-f16`); each word's sum joins the
+    /// f32 accumulator.
+    pub f16: bool,
+}
+
+/// See [`allow_f16_products`].
+static F16_PRODUCTS: AtomicBool = AtomicBool::new(false);
+
+/// Lets weights uploaded from now on multiply in f16 where the adapter has shader-f16. Off by
+/// default: f16 products move logits by up to ~1e-2 and can change greedy tokens (they did on
+/// our random test model), and this project promises outputs that match the reference.
+pub fn allow_f16_products(allow: bool) {
+    F16_PRODUCTS.store(allow, Ordering::Relaxed);
+}
+
+impl KernelPlan {
+    pub const PORTABLE: KernelPlan = KernelPlan {
+        subgroups: false,
+        f16: false,
+    };
+
+    /// The plan new weights get on `device`: subgroups when offered, f16 when offered and
+    /// allowed ([`allow_f16_products`]). `None` on the CPU backend (no kernels).
+    pub fn best(device: &Device) -> Option<KernelPlan> {
+        KernelPlan::offered(device).map(|plan| KernelPlan {
+            f16: plan.f16 && F16_PRODUCTS.load(Ordering::Relaxed),
+            ..plan
+        })
+    }
+
+    /// Everything `device`'s adapter offers.
+    fn offered(device: &Device) -> Option<KernelPlan> {
+        (!is_cpu(device)).then(|| {
+            let props = client_of(device).properties().clone();
+            KernelPlan {
+                subgroups: props.features.plane.contains(Plane::Ops),
+                f16: props
+                    .type_usage(ElemType::Float(FloatKind::F16))
+                    .contains(TypeUsage::Arithmetic),
+            }
+        })
+    }
+
+    /// Every plan `device` can run.
+    pub fn supported(device: &Device) -> Vec<KernelPlan> {
+        let Some(best) = KernelPlan::offered(device) else {
+            return Vec::new();
+        };
+        [false, true]
+            .into_iter()
+            .flat_map(|subgroups| {
+                [false, true]
+                    .into_iter()
+                    .map(move |f16| KernelPlan { subgroups, f16 })
+            })
+            .filter(|p| (best.subgroups || !p.subgroups) && (best.f16 || !p.f16))
+            .collect()
+    }
+}
+
+/// What the device is, for benchmark reports: its adapter's name, what it offers and which
+/// kernels new weights get.
+pub fn describe_device(device: &Device) -> String {
+    match (KernelPlan::offered(device), KernelPlan::best(device)) {
+        (Some(offered), Some(used)) => {
+            let props = client_of(device).properties().clone();
+            format!(
+                "{} (subgroups: {}, sizes {}-{}; shader-f16: {}; f16 products: {})",
+                props.identity.name,
+                offered.subgroups,
+                props.hardware.plane_size_min,
+                props.hardware.plane_size_max,
+                offered.f16,
+                used.f16
+            )
+        }
+        _ => "cpu (burn-flex)".to_string(),
+    }
+}
+
+fn client_of(device: &Device) -> Client {
+    Tensor::<1>::zeros([1], device)
+        .try_into_primitive::<Cube>()
+        .expect("a tensor on a cubecl device")
+        .client
 }
 
 fn gpu_rows(
@@ -251,7 +422,7 @@ fn gpu_rows(
     unsafe {
         shader::q4_rows_kernel::launch_unchecked(
             &client,
-            CubeCount::Static((tokens * cols).div_ceil(WORKGROUP as usize) as u32, 1, 1),
+            grid((tokens * cols).div_ceil(WORKGROUP as usize)),
             CubeDim::new_1d(WORKGROUP),
             BufferArg::from_raw_parts(ids.handle.clone(), tokens),
             BufferArg::from_raw_parts(codes.handle.clone(), len(&codes)),
@@ -262,6 +433,42 @@ fn gpu_rows(
         );
     }
     Tensor::from_primitive::<Cube>(out)
+}
+
+/// `cubes` workgroups. Past WebGPU's per-dimension limit (65535) the grid wraps into a second
+/// dimension; the kernels index by `ABSOLUTE_POS`/`CUBE_POS`, which count across dimensions,
+/// and skip what lies past their end.
+fn grid(cubes: usize) -> CubeCount {
+    const ROW: usize = 32768;
+    CubeCount::Static(cubes.min(ROW) as u32, cubes.div_ceil(ROW) as u32, 1)
+}
+
+/// A copy of `words` made by the plainest kernel: one read and one write per word.
+pub fn copy_words(words: &Tensor<1, Int>) -> Tensor<1, Int> {
+    let len = words.dims()[0];
+    let input = words
+        .clone()
+        .try_into_primitive::<Cube>()
+        .expect("a tensor on a cubecl device");
+    let client = input.client.clone();
+    let output = CubeTensor::new_contiguous(
+        client.clone(),
+        input.device.clone(),
+        Shape::new([len]),
+        client.empty(len * 4),
+        DType::U32,
+    );
+    unsafe {
+        shader::copy_kernel::launch_unchecked(
+            &client,
+            grid(len.div_ceil(WORKGROUP as usize)),
+            CubeDim::new_1d(WORKGROUP),
+            BufferArg::from_raw_parts(input.handle.clone(), len),
+            BufferArg::from_raw_parts(output.handle.clone(), len),
+            len,
+        );
+    }
+    Tensor::from_primitive::<Cube>(output)
 }
 
 fn cube(tensor: Tensor<2>) -> CubeTensor {
@@ -277,6 +484,7 @@ fn gpu_matmul(
     bias: &Tensor<1>,
     rows: usize,
     cols: usize,
+    plan: KernelPlan,
 ) -> Tensor<2> {
     let [tokens, _] = x.dims();
     debug_assert_eq!(x.dims()[1], cols);
@@ -302,20 +510,42 @@ fn gpu_matmul(
     );
     let len = |t: &CubeTensor| t.meta.shape().iter().product::<usize>();
     let (code_len, scale_len, bias_len) = (len(&codes), len(&scales), len(&bias));
-    unsafe {
-        shader::q4_matmul_kernel::launch_unchecked(
-            &client,
-            CubeCount::Static((rows * tokens).div_ceil(WORKGROUP as usize) as u32, 1, 1),
-            CubeDim::new_1d(WORKGROUP),
-            x.into_tensor_arg(),
-            BufferArg::from_raw_parts(codes.handle.clone(), code_len),
-            BufferArg::from_raw_parts(scales.handle.clone(), scale_len),
-            BufferArg::from_raw_parts(bias.handle.clone(), bias_len),
-            BufferArg::from_raw_parts(out.handle.clone(), tokens * rows),
-            cols,
-            rows,
-            tokens,
-        );
+    let outputs = rows * tokens;
+    let (count, dim) = if plan.subgroups {
+        // Enough planes for every output even with the largest subgroup the adapter reports.
+        let plane_max = client.properties().hardware.plane_size_max.max(1);
+        let threads = WORKGROUP.max(plane_max);
+        let planes = (threads / plane_max) as usize;
+        (outputs.div_ceil(planes), threads)
+    } else {
+        (outputs.div_ceil(WORKGROUP as usize), WORKGROUP)
+    };
+    let count = grid(count);
+    let dim = CubeDim::new_1d(dim);
+    macro_rules! launch {
+        ($kernel:ident, $float:ty) => {
+            unsafe {
+                shader::$kernel::launch_unchecked::<$float>(
+                    &client,
+                    count,
+                    dim,
+                    x.into_tensor_arg(),
+                    BufferArg::from_raw_parts(codes.handle.clone(), code_len),
+                    BufferArg::from_raw_parts(scales.handle.clone(), scale_len),
+                    BufferArg::from_raw_parts(bias.handle.clone(), bias_len),
+                    BufferArg::from_raw_parts(out.handle.clone(), outputs),
+                    cols,
+                    rows,
+                    tokens,
+                )
+            }
+        };
+    }
+    match (plan.subgroups, plan.f16) {
+        (false, false) => launch!(q4_matmul_kernel, f32),
+        (false, true) => launch!(q4_matmul_kernel, half::f16),
+        (true, false) => launch!(q4_matmul_plane_kernel, f32),
+        (true, true) => launch!(q4_matmul_plane_kernel, half::f16),
     }
     Tensor::from_primitive::<Cube>(out)
 }

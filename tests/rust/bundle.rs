@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{fixture, max_abs_diff, reference, Scratch, BACKENDS};
-use phi2_web::kernels::Q4Weight;
+use phi2_web::kernels::{describe_device, is_cpu, KernelPlan, Q4Weight};
 use phi2_web::quant::Q4Matrix;
 use phi2_web::weights::bundle::{decode, ChunkStream, Manifest, TensorBytes, MANIFEST};
 use phi2_web::weights::convert::convert_hf;
@@ -37,6 +37,8 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
             (17, 5, 160),
             (1, 1, 1),
             (2, 40, 33),
+            // More workgroups than WebGPU allows in one grid dimension (65535).
+            (520, 8200, 40),
         ] {
             let weights = pseudo_random(rows * cols, (rows * cols) as u64);
             let matrix = Q4Matrix::quantize(&weights, rows, cols);
@@ -69,16 +71,56 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
                 burn::tensor::TensorData::new(bias, [rows]),
                 &device,
             );
-            let y = weight.matmul(x, &bias);
-            assert_eq!(y.dims(), [tokens, rows]);
-            let got = block_on(y.into_data_async())
-                .unwrap()
-                .try_into_vec::<f32>()
-                .unwrap();
-            let diff = max_abs_diff(&got, &expected);
-            assert!(diff < 1e-4, "{backend:?} {tokens}x{rows}x{cols}: {diff}");
+            let plans = plans_to_test(&device);
+            for plan in &plans {
+                let y = match plan {
+                    Some(plan) => weight.matmul_with(x.clone(), &bias, *plan),
+                    None => weight.matmul(x.clone(), &bias),
+                };
+                assert_eq!(y.dims(), [tokens, rows]);
+                let got = block_on(y.into_data_async())
+                    .unwrap()
+                    .try_into_vec::<f32>()
+                    .unwrap();
+                let diff = max_abs_diff(&got, &expected);
+                // f16 products carry ~11 bits: a few thousandths on sums of up to 160 terms.
+                let tolerance = if plan.is_some_and(|p| p.f16) {
+                    2e-2
+                } else {
+                    1e-4
+                };
+                assert!(
+                    diff < tolerance,
+                    "{backend:?} {plan:?} {tokens}x{rows}x{cols}: {diff}"
+                );
+            }
         }
     }
+}
+
+/// The CPU backend's one way, or every kernel plan the GPU device supports. scripts/test.sh
+/// also runs this test on lavapipe (Vulkan), which has shader-f16 and subgroups, with
+/// `PHI2_TEST_ALL_KERNELS=1`: there every plan runs, including the subgroup kernels cubecl would
+/// not pick on a CPU adapter, and an adapter without f16 fails the test instead of testing less.
+fn plans_to_test(device: &burn::tensor::Device) -> Vec<Option<KernelPlan>> {
+    if is_cpu(device) {
+        return vec![None];
+    }
+    let plans = if std::env::var("PHI2_TEST_ALL_KERNELS").is_ok_and(|v| v == "1") {
+        let offered = KernelPlan::supported(device);
+        assert!(
+            offered.iter().any(|p| p.f16),
+            "{}: no shader-f16",
+            describe_device(device)
+        );
+        [(false, false), (false, true), (true, false), (true, true)]
+            .map(|(subgroups, f16)| KernelPlan { subgroups, f16 })
+            .to_vec()
+    } else {
+        KernelPlan::supported(device)
+    };
+    eprintln!("{}: testing {plans:?}", describe_device(device));
+    plans.into_iter().map(Some).collect()
 }
 
 /// The f32 model built from a bundle's dequantized weights: what the 4-bit model must compute.
