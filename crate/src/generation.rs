@@ -3,6 +3,7 @@
 //! top-k, top-p and repetition penalty; stops at EOS, at stop strings, at `max_new_tokens` or
 //! when the context is full.
 
+use burn::tensor::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -122,6 +123,7 @@ pub struct Session {
     text: String,
     emitted: usize,
     finished: Option<StopReason>,
+    ignore_end_of_text: bool,
 }
 
 impl Session {
@@ -181,6 +183,7 @@ impl Session {
             text: String::new(),
             emitted: 0,
             finished: None,
+            ignore_end_of_text: false,
         })
     }
 
@@ -206,6 +209,11 @@ impl Session {
         self.finished
     }
 
+    /// Generates through `<|endoftext|>` as if it were text (benchmarks on random weights).
+    pub fn ignore_end_of_text(&mut self) {
+        self.ignore_end_of_text = true;
+    }
+
     /// Ends the generation early (the caller's stop button); later steps return `None`.
     pub fn cancel(&mut self) {
         self.finished.get_or_insert(StopReason::Cancelled);
@@ -215,12 +223,43 @@ impl Session {
     /// read back asynchronously (the only host↔device synchronisation of a step).
     pub async fn logits(&mut self, model: &Phi) -> Result<Vec<f32>> {
         let logits = model.forward(&self.tokens[self.cache.len()..], &mut self.cache);
-        let data = logits
-            .into_data_async()
-            .await
-            .map_err(|e| Error::Device(format!("reading logits failed: {e:?}")))?;
-        data.try_into_vec::<f32>()
-            .map_err(|e| Error::Device(format!("logits have an unexpected type: {e:?}")))
+        read_floats(logits).await
+    }
+
+    /// Runs the model and picks the next token. Greedy and top-k sampling choose on the
+    /// device and read back only the candidates (one id for greedy) with the logits' sum,
+    /// whose finiteness stands for all of them; a repetition penalty or top-p without top-k
+    /// needs every logit on the host.
+    async fn pick(&mut self, model: &Phi) -> Result<u32> {
+        let vocab = model.config().vocab_size;
+        let on_device = self.params.repetition_penalty == 1.0
+            && (self.params.temperature == 0.0 || self.params.top_k.is_some());
+        if !on_device {
+            let mut logits = self.logits(model).await?;
+            return sample(&mut logits, &self.tokens, &self.params, &mut self.rng);
+        }
+        let logits = model.forward(&self.tokens[self.cache.len()..], &mut self.cache);
+        let (values, ids) = match self.params.top_k {
+            Some(k) if self.params.temperature > 0.0 => {
+                logits.clone().topk_with_indices(k.min(vocab), 1)
+            }
+            _ => logits.clone().max_dim_with_indices(1),
+        };
+        let k = values.dims()[1];
+        let sum = logits.sum_dim(1);
+        let read = read_floats(Tensor::cat(vec![sum, values, ids.float()], 1)).await?;
+        if !read[0].is_finite() {
+            return Err(Error::Device(format!(
+                "the model produced non-finite logits (their sum is {})",
+                read[0]
+            )));
+        }
+        let candidates: Vec<(u32, f32)> = read[1 + k..]
+            .iter()
+            .zip(&read[1..1 + k])
+            .map(|(&id, &logit)| (id as u32, logit))
+            .collect();
+        Ok(sample_sorted(&candidates, &self.params, &mut self.rng))
     }
 
     /// One step: returns the next token, or `None` once generation has finished.
@@ -232,10 +271,9 @@ impl Session {
             self.finished = Some(StopReason::Length);
             return Ok(None);
         }
-        let mut logits = self.logits(model).await?;
-        let id = sample(&mut logits, &self.tokens, &self.params, &mut self.rng)?;
+        let id = self.pick(model).await?;
         self.tokens.push(id);
-        if id == END_OF_TEXT {
+        if id == END_OF_TEXT && !self.ignore_end_of_text {
             self.finished = Some(StopReason::Eos);
             let text = self.flush(tokenizer)?;
             return Ok(Some(Token { id, text }));
@@ -404,10 +442,20 @@ pub fn sample(
     if let Some(k) = params.top_k {
         order.truncate(k.min(order.len()));
     }
-    let max = logits[order[0]] / params.temperature;
-    let mut probs: Vec<f64> = order
+    let candidates: Vec<(u32, f32)> = order.iter().map(|&i| (i as u32, logits[i])).collect();
+    Ok(sample_sorted(&candidates, params, rng))
+}
+
+/// Samples among `candidates` (id, logit), sorted by falling logit and already cut to top-k:
+/// temperature, then top-p. Greedy takes the first.
+fn sample_sorted(candidates: &[(u32, f32)], params: &SamplingParams, rng: &mut impl Rng) -> u32 {
+    if params.temperature == 0.0 {
+        return candidates[0].0;
+    }
+    let max = candidates[0].1 / params.temperature;
+    let mut probs: Vec<f64> = candidates
         .iter()
-        .map(|&i| ((logits[i] / params.temperature - max) as f64).exp())
+        .map(|&(_, logit)| ((logit / params.temperature - max) as f64).exp())
         .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
@@ -421,17 +469,25 @@ pub fn sample(
             })
             .map_or(probs.len(), |i| i + 1);
         probs.truncate(keep);
-        order.truncate(keep);
     }
     let total: f64 = probs.iter().sum();
     let mut draw = rng.random::<f64>() * total;
-    for (&i, &p) in order.iter().zip(&probs) {
+    for (&(id, _), &p) in candidates.iter().zip(&probs) {
         draw -= p;
         if draw < 0.0 {
-            return Ok(i as u32);
+            return id;
         }
     }
-    Ok(*order.last().expect("at least one candidate") as u32)
+    candidates[probs.len() - 1].0
+}
+
+async fn read_floats(tensor: Tensor<2>) -> Result<Vec<f32>> {
+    let data = tensor
+        .into_data_async()
+        .await
+        .map_err(|e| Error::Device(format!("reading logits failed: {e:?}")))?;
+    data.try_into_vec::<f32>()
+        .map_err(|e| Error::Device(format!("logits have an unexpected type: {e:?}")))
 }
 
 #[cfg(test)]

@@ -140,3 +140,42 @@ fn resumed_session_reuses_the_shared_prefix() {
         assert!(max_abs_diff(&logits, &expected) <= 1e-4, "{backend:?}");
     }
 }
+
+/// Top-k sampling picks on the device and reads back only the k candidates; it must draw the
+/// same tokens as sampling over every logit read back to the host, with the same seed.
+#[test]
+fn top_k_sampling_on_the_device_draws_what_the_host_would() {
+    use rand::SeedableRng;
+    let params = SamplingParams {
+        max_tokens: 12,
+        temperature: 0.9,
+        top_k: Some(8),
+        top_p: 0.95,
+        seed: 7,
+        ..SamplingParams::default()
+    };
+    for backend in BACKENDS {
+        let (model, tokenizer) = load("phi-tok", backend);
+        let prompt = tokenizer.encode("Hello World").unwrap();
+        let mut session = Session::new(&model, prompt.clone(), params.clone()).unwrap();
+        while block_on(session.next(&model, &tokenizer))
+            .unwrap()
+            .is_some()
+        {}
+        let on_device = session.generated_ids().to_vec();
+
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(params.seed);
+        let mut ids = prompt;
+        let mut on_host = Vec::new();
+        for _ in 0..params.max_tokens {
+            let mut logits = next_logits(&model, &ids);
+            let id = phi2_web::generation::sample(&mut logits, &ids, &params, &mut rng).unwrap();
+            ids.push(id);
+            on_host.push(id);
+            if id == phi2_web::tokenizer::END_OF_TEXT {
+                break;
+            }
+        }
+        assert_eq!(on_device, on_host, "{backend:?}");
+    }
+}
