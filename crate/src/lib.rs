@@ -5,6 +5,7 @@
 //! bindings in `wasm`.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod generation;

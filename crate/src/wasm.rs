@@ -232,6 +232,34 @@ impl Phi2Model {
         })
     }
 
+    /// The benchmark `phi2 bench` runs ([`crate::bench::run`]): resolves to its report
+    /// (camelCase keys). Ends any running generation.
+    #[allow(clippy::await_holding_refcell_ref)] // the borrow is the lock: see `borrow_loaded`
+    pub fn bench(&self, prompt_tokens: usize, gen_tokens: usize, copy_mb: u32) -> Promise {
+        let engine = self.engine.clone();
+        future_to_promise(async move {
+            let mut loaded = borrow_loaded(&engine)?;
+            let Loaded {
+                model,
+                tokenizer,
+                session,
+                ..
+            } = &mut *loaded;
+            *session = None; // its KV cache would count in the memory figures
+            let report = crate::bench::run(
+                model,
+                tokenizer,
+                prompt_tokens,
+                gen_tokens,
+                u64::from(copy_mb) << 20,
+                &now_ms,
+            )
+            .await
+            .map_err(js_error)?;
+            Ok(to_js(&report))
+        })
+    }
+
     /// Frees the model's GPU and wasm memory; later calls fail with a `StateError`.
     pub fn unload(&self) -> std::result::Result<(), JsValue> {
         let mut engine = self.engine.try_borrow_mut().map_err(|_| {
@@ -365,12 +393,15 @@ pub struct BundleLoading {
 #[wasm_bindgen]
 impl BundleLoading {
     /// Checks the manifest (`manifest_url` names it in errors) and acquires the device.
+    /// `f16_products`: see [`crate::kernels::allow_f16_products`] (default false).
     pub async fn start(
         manifest: Vec<u8>,
         manifest_url: String,
         backend: Option<String>,
+        f16_products: Option<bool>,
     ) -> std::result::Result<BundleLoading, JsValue> {
         console_error_panic_hook::set_once();
+        crate::kernels::allow_f16_products(f16_products.unwrap_or(false));
         let manifest = parse_manifest(&manifest, &manifest_url).map_err(js_error)?;
         let backend = parse_backend(backend).map_err(js_error)?;
         let device = backend.device().await.map_err(js_error)?;

@@ -5,7 +5,7 @@
 import initWasm, { BundleLoading } from './wasm/phi2_web.js';
 import { manifestUrl, openCache } from './cache.js';
 import { abortError, Phi2Error } from './errors.js';
-import { gpuAdapter, maxBufferBytes, requestSubgroupsWhenOffered } from './webgpu.js';
+import { deviceLost, gpuAdapter, maxBufferBytes, watchDevices } from './webgpu.js';
 
 const DEFAULT_CONCURRENCY = 3;
 /**
@@ -15,14 +15,14 @@ const DEFAULT_CONCURRENCY = 3;
 const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 const ATTEMPTS = 4;
 const RETRY_DELAY_MS = 500;
-/** A download attempt that receives nothing for this long is abandoned and retried. */
+/** A download attempt that receives nothing for this long is abandoned and retried (default). */
 const STALL_MS = 30_000;
 
 let wasmReady = null;
 let wasmMemory = null;
 
 function startWasm(wasmUrl) {
-  requestSubgroupsWhenOffered();
+  watchDevices();
   wasmReady ??= initWasm({ module_or_path: wasmUrl ?? new URL('./wasm/phi2_web_bg.wasm', import.meta.url) })
     .then((exports) => {
       wasmMemory = exports.memory;
@@ -32,6 +32,21 @@ function startWasm(wasmUrl) {
       throw new Phi2Error('LoadError', `the engine's wasm module could not be loaded: ${error?.message ?? error}`);
     });
   return wasmReady;
+}
+
+/**
+ * The error to report for a failure of the model. Once the GPU device is lost, every later
+ * failure is that loss. wgpu makes one device per realm, so only a new realm — a new worker,
+ * which every worker-mode load starts, or a reloaded page — gets a working one.
+ */
+function modelError(error) {
+  const lost = deviceLost();
+  if (!lost) return Phi2Error.from(error);
+  return new Phi2Error(
+    'DeviceError',
+    `the GPU device was lost (${lost.reason || 'unknown reason'}${lost.message ? `: ${lost.message}` : ''}); load the model again (in worker mode, the default, a new load starts afresh; on the page's thread, reload the page)`,
+    { reason: lost.reason || 'unknown' },
+  );
 }
 
 const sleep = (ms, signal) =>
@@ -49,7 +64,7 @@ const sleep = (ms, signal) =>
  * straight into it, and a longer body is an error. `onBytes(n)` reports the bytes this attempt
  * has received so far.
  */
-async function download(url, { expectedBytes, signal, onBytes = () => {}, what }) {
+async function download(url, { expectedBytes, signal, onBytes = () => {}, what, stallMs = STALL_MS }) {
   let lastError;
   for (let attempt = 1; attempt <= ATTEMPTS; attempt++) {
     if (attempt > 1) await sleep(RETRY_DELAY_MS * 2 ** (attempt - 2), signal);
@@ -60,7 +75,7 @@ async function download(url, { expectedBytes, signal, onBytes = () => {}, what }
     let stallTimer;
     const armStall = () => {
       clearTimeout(stallTimer);
-      stallTimer = setTimeout(() => controller.abort(new Error(`no data for ${STALL_MS / 1000} s`)), STALL_MS);
+      stallTimer = setTimeout(() => controller.abort(new Error(`no data for ${stallMs / 1000} s`)), stallMs);
     };
     let received = 0;
     try {
@@ -131,13 +146,13 @@ async function cachedOrDownload(cache, url, options) {
 }
 
 /** The manifest: from the network when reachable (it may have changed), else the cached copy. */
-async function fetchManifest(cache, href, signal) {
+async function fetchManifest(cache, href, signal, stallMs) {
   const cached = cache ? await cache.match(href) : undefined;
   if (cached && globalThis.navigator?.onLine === false) {
     return { bytes: new Uint8Array(await cached.arrayBuffer()), fromCache: true };
   }
   try {
-    const bytes = await download(href, { signal, what: 'manifest' });
+    const bytes = await download(href, { signal, what: 'manifest', stallMs });
     return { bytes, fromCache: false };
   } catch (error) {
     if (error.name === 'AbortError') throw error;
@@ -173,10 +188,14 @@ export class Engine {
   /**
    * Loads the bundle at `url` (its folder or manifest URL, absolute). Options: `onProgress`,
    * `signal`, `cache` (default true), `backend` ('auto' | 'webgpu' | 'cpu'), `concurrency`,
-   * `wasmUrl`.
+   * `wasmUrl`, `stallTimeoutMs` (default 30 000: a download receiving nothing that long is retried),
+   * `f16Products` (default false: see the package README).
    */
   static async load(url, options = {}) {
-    const { onProgress = () => {}, signal: callerSignal, cache: useCache = true, backend = 'auto', concurrency = DEFAULT_CONCURRENCY, wasmUrl } = options;
+    const {
+      onProgress = () => {}, signal: callerSignal, cache: useCache = true, backend = 'auto',
+      concurrency = DEFAULT_CONCURRENCY, wasmUrl, stallTimeoutMs: stallMs = STALL_MS, f16Products = false,
+    } = options;
     // Ends the downloads still running when the load fails (or the caller aborts it).
     const stopDownloads = new AbortController();
     const signal = callerSignal ? AbortSignal.any([callerSignal, stopDownloads.signal]) : stopDownloads.signal;
@@ -186,19 +205,23 @@ export class Engine {
     if (!(Number.isInteger(concurrency) && concurrency >= 1 && concurrency <= 16)) {
       throw new Phi2Error('OptionError', `concurrency ${concurrency} is not an integer in 1..16`, { option: 'concurrency' });
     }
+    if (!(Number.isFinite(stallMs) && stallMs > 0)) {
+      throw new Phi2Error('OptionError', `stallTimeoutMs ${stallMs} is not a positive number of milliseconds`, { option: 'stallTimeoutMs' });
+    }
     callerSignal?.throwIfAborted();
     const started = performance.now();
     await startWasm(wasmUrl);
     const chosen = await chooseBackend(backend);
+    if (chosen.backend === 'webgpu' && deviceLost()) throw modelError();
     const cache = useCache ? await openCache() : null;
     const warnings = new Set();
     const href = manifestUrl(url);
 
-    const manifestFile = await fetchManifest(cache, href, signal);
+    const manifestFile = await fetchManifest(cache, href, signal, stallMs);
     let loading;
     try {
       // The engine checks the manifest before anything else is fetched.
-      loading = await BundleLoading.start(manifestFile.bytes, href, chosen.backend);
+      loading = await BundleLoading.start(manifestFile.bytes, href, chosen.backend, Boolean(f16Products));
     } catch (error) {
       throw Phi2Error.from(error);
     }
@@ -207,7 +230,7 @@ export class Engine {
       const tokenizerHref = new URL(loading.tokenizerFile, href).href;
       const chunkHrefs = loading.chunkFiles.map((file) => new URL(file, href).href);
       const chunkSizes = loading.chunkSizes;
-      const tokenizer = await cachedOrDownload(cache, tokenizerHref, { signal, what: 'tokenizer' });
+      const tokenizer = await cachedOrDownload(cache, tokenizerHref, { signal, what: 'tokenizer', stallMs });
       loading.setTokenizer(tokenizer.bytes);
       // Both are valid: keep them for next time (the manifest also lets deleteCache find chunks).
       if (!manifestFile.fromCache) await cachePut(cache, href, manifestFile.bytes, warnings);
@@ -232,6 +255,7 @@ export class Engine {
       const fetchChunk = (index, { bypassCache = false } = {}) => {
         const options = {
           signal,
+          stallMs,
           expectedBytes: chunkSizes[index],
           what: `chunk ${index}`,
           onBytes: (bytes) => {
@@ -305,7 +329,7 @@ export class Engine {
         // already consumed by finish()
       }
       if (callerSignal?.aborted) throw abortError(callerSignal);
-      throw Phi2Error.from(error);
+      throw modelError(error);
     } finally {
       stopDownloads.abort(new Phi2Error('AbortError', 'the load ended'));
     }
@@ -332,7 +356,7 @@ export class Engine {
       generation = this.#model.generate(prompt, params);
     } catch (error) {
       markIdle();
-      throw Phi2Error.from(error);
+      throw modelError(error);
     }
     this.#generation = generation;
     const stop = () => generation.stop();
@@ -345,7 +369,7 @@ export class Engine {
         try {
           result = await generation.next();
         } catch (error) {
-          throw Phi2Error.from(error);
+          throw modelError(error);
         }
         if (result.done) {
           finished = true;
@@ -368,6 +392,30 @@ export class Engine {
       }
       if (this.#generation === generation) this.#generation = null;
       generation.free();
+      markIdle();
+    }
+  }
+
+  /**
+   * Runs the benchmark `phi2 bench` runs (a synthetic prompt, greedy decoding, a device copy
+   * for comparison) and resolves to its report; ends a running generation first.
+   */
+  async bench({ promptTokens = 128, genTokens = 32, copyMb = 64 } = {}) {
+    if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
+    for (const [option, value] of Object.entries({ promptTokens, genTokens, copyMb })) {
+      if (!Number.isInteger(value) || value < 1) {
+        throw new Phi2Error('OptionError', `${option} must be a positive integer, not ${value}`, { option });
+      }
+    }
+    this.stop();
+    await this.#idle;
+    let markIdle;
+    this.#idle = new Promise((resolve) => (markIdle = resolve));
+    try {
+      return await this.#model.bench(promptTokens, genTokens, copyMb);
+    } catch (error) {
+      throw modelError(error);
+    } finally {
       markIdle();
     }
   }

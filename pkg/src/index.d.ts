@@ -62,6 +62,13 @@ export interface LoadOptions {
   workerUrl?: string | URL;
   /** Where the package's wasm/phi2_web_bg.wasm is served, when a bundler moved it. */
   wasmUrl?: string | URL;
+  /** A download that receives nothing for this long is abandoned and retried (default 30000). */
+  stallTimeoutMs?: number;
+  /**
+   * Let the 4-bit matmul multiply in f16 where the GPU has shader-f16 (default false): faster on
+   * some GPUs, but logits move by ~1e-2 and greedy tokens can differ from the reference.
+   */
+  f16Products?: boolean;
 }
 
 export interface GenerateOptions {
@@ -99,6 +106,32 @@ export interface GenerationStats {
   stopReason: 'eos' | 'stop' | 'length' | 'cancelled' | null;
 }
 
+export interface BenchOptions {
+  /** Tokens of the synthetic prompt (default 128). */
+  promptTokens?: number;
+  /** Greedy tokens generated (default 32). */
+  genTokens?: number;
+  /** MiB of the device copy the bandwidth is compared with (default 64). */
+  copyMb?: number;
+}
+
+export interface BenchReport {
+  /** The adapter and which kernels it runs (subgroups, shader-f16). */
+  device: string;
+  promptTokens: number;
+  generatedTokens: number;
+  timeToFirstTokenS: number;
+  prefillTokensPerS: number;
+  decodeTokensPerS: number;
+  launchesPerToken: number;
+  weightBytesPerToken: number;
+  decodeEffectiveGbPerS: number;
+  copyGbPerS: number;
+  copyBytes: number;
+  /** decodeEffectiveGbPerS / copyGbPerS */
+  bandwidthRatio: number;
+}
+
 export interface ModelInfo {
   backend: Backend;
   contextLength: number;
@@ -119,6 +152,8 @@ export declare class Phi2 {
   /** Ends the running generation before its next token. */
   stop(): void;
   unload(): Promise<void>;
+  /** Measures this model on this device (like `phi2 bench`). */
+  bench(options?: BenchOptions): Promise<BenchReport>;
   readonly stats: GenerationStats | undefined;
   readonly info: ModelInfo | undefined;
   readonly backend: Backend | undefined;

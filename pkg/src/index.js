@@ -128,6 +128,16 @@ class WorkerEngine {
     if (this.running) this.#worker.postMessage({ type: 'abort', id: this.running });
   }
 
+  bench(options) {
+    return new Promise((resolve, reject) => {
+      this.#request({ type: 'bench', options }, undefined, (data) => {
+        if (data.type === 'result') resolve(data.value);
+        else reject(Phi2Error.fromJSON(data.error));
+        return true;
+      });
+    });
+  }
+
   async unload() {
     if (this.#broken) return;
     this.stop();
@@ -150,8 +160,9 @@ export class Phi2 {
    * Loads the phi2-web bundle at `url` (its folder or its manifest.json, relative to the page).
    * Options: `onProgress(event)`, `signal`, `cache` (default true), `worker` (default true),
    * `backend` ('auto' (default: WebGPU, else the CPU), 'webgpu', 'cpu'), `concurrency`
-   * (parallel chunk downloads, default 3), `workerUrl` and `wasmUrl` (where the package's
-   * worker.js and wasm file are served, when a bundler moved them).
+   * (parallel chunk downloads, default 3), `stallTimeoutMs` (default 30000), `f16Products`
+   * (default false), `workerUrl` and `wasmUrl` (where the package's worker.js and wasm file are
+   * served, when a bundler moved them).
    */
   static async load(url, options = {}) {
     const { worker = true, onProgress, signal, ...rest } = options ?? {};
@@ -210,6 +221,19 @@ export class Phi2 {
   /** Ends the running generation before its next token. */
   stop() {
     this.#engine?.stop();
+  }
+
+  /**
+   * Measures this model on this device, like `phi2 bench`: `{promptTokens = 128, genTokens =
+   * 32, copyMb = 64}` in; time to first token, prefill and decode tokens/s, kernel launches per
+   * token, effective decode bandwidth and a device copy's bandwidth out.
+   */
+  async bench(options = {}) {
+    try {
+      return await this.#ready().bench(options);
+    } catch (error) {
+      throw Phi2Error.from(error);
+    }
   }
 
   /** Figures of the last finished generation (tokens, time to first token, tokens/s, stop reason). */

@@ -1,25 +1,41 @@
 // WebGPU facts the engine needs before burn creates its device.
 
+let lostInfo = null;
+
 /**
- * wgpu's WebGPU backend never asks for the 'subgroups' feature, yet cubecl's shaders start with
- * `enable subgroups;` whenever the adapter has it; without the feature on the device Chrome
- * rejects those shaders and the device is lost. Asking for it costs nothing, so every
- * requestDevice in this realm (window or worker) asks for it when the adapter offers it.
+ * Wraps every requestDevice in this realm (window or worker), before wgpu creates its device:
+ * - wgpu's WebGPU backend never asks for the 'subgroups' feature, yet cubecl's shaders start
+ *   with `enable subgroups;` whenever the adapter has it; without the feature on the device
+ *   Chrome rejects those shaders. Asking for it costs nothing, so it is asked for when offered.
+ * - the device's `lost` promise is watched, so that a failure after a lost device (a driver
+ *   reset, a destroyed device) is reported as what it is.
  */
-export function requestSubgroupsWhenOffered() {
+export function watchDevices() {
   const proto = globalThis.GPUAdapter?.prototype;
   if (!proto || typeof proto.requestDevice !== 'function' || proto.requestDevice.phi2Patched) {
     return;
   }
   const original = proto.requestDevice;
-  const requestDevice = function (descriptor = {}) {
-    if (!this.features?.has('subgroups')) return original.call(this, descriptor);
-    const features = new Set(descriptor.requiredFeatures ?? []);
-    features.add('subgroups');
-    return original.call(this, { ...descriptor, requiredFeatures: [...features] });
+  const requestDevice = async function (descriptor = {}) {
+    let request = descriptor;
+    if (this.features?.has('subgroups')) {
+      const features = new Set(descriptor.requiredFeatures ?? []);
+      features.add('subgroups');
+      request = { ...descriptor, requiredFeatures: [...features] };
+    }
+    const device = await original.call(this, request);
+    device.lost?.then((info) => {
+      lostInfo = { reason: info.reason, message: info.message };
+    });
+    return device;
   };
   requestDevice.phi2Patched = true;
   proto.requestDevice = requestDevice;
+}
+
+/** `{reason, message}` once the engine's GPU device has been lost in this realm, else null. */
+export function deviceLost() {
+  return lostInfo;
 }
 
 /** The adapter, or null where there is no usable WebGPU. */

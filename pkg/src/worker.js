@@ -1,7 +1,8 @@
 // The package's module Web Worker: hosts one Engine so that loading and generating never block
 // the page. Messages (index.js is the other side):
 //   page → worker  {type: 'load', id, url, options} | {type: 'generate', id, prompt, options}
-//                  | {type: 'unload', id} | {type: 'abort', id}  (ends load or generation `id`)
+//                  | {type: 'bench', id, options} | {type: 'unload', id}
+//                  | {type: 'abort', id}  (ends load or generation `id`)
 //   worker → page  {type: 'progress', id, event} | {type: 'token', id, value}
 //                  | {type: 'result', id, value} | {type: 'error', id, error}
 
@@ -37,6 +38,9 @@ async function handle({ type, id, url, prompt, options }) {
         }
         post({ type: 'token', id, value });
       }
+    } else if (type === 'bench') {
+      if (!engine) throw new Phi2Error('StateError', 'no model is loaded; call Phi2.load() first');
+      post({ type: 'result', id, value: await engine.bench(options) });
     } else if (type === 'unload') {
       await engine?.unload();
       engine = null;

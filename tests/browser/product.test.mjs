@@ -137,6 +137,26 @@ test('the wasm export (for await over generate) on a checkpoint and a bundle equ
   }
 });
 
+test('the bench page measures the tiny bundle on WebGPU (a smoke run: figures present, no timing asserted)', TIMEOUT, async () => {
+  const context = await browser.newContext();
+  try {
+    const url = `${server.url}web/bench.html?${new URLSearchParams({ model: bundleUrl, backend: 'webgpu', prompt: '8', gen: '4', copy: '4', autorun: '1' })}`;
+    const { result, isError } = await withPage(context, (page) => pageResult(page, url));
+    assert.equal(isError, false, JSON.stringify(result.error));
+    assert.equal(result.backend, 'webgpu');
+    assert.equal(result.promptTokens, 8);
+    assert.equal(result.generatedTokens, 4);
+    for (const key of ['loadMs', 'timeToFirstTokenS', 'prefillTokensPerS', 'decodeTokensPerS', 'launchesPerToken',
+      'weightBytesPerToken', 'decodeEffectiveGbPerS', 'copyGbPerS', 'bandwidthRatio', 'wasmMemoryBytes']) {
+      assert.ok(Number.isFinite(result[key]) && result[key] > 0, `${key}: ${result[key]}`);
+    }
+    assert.equal(result.copyBytes, 4 * 2 ** 20);
+    assert.match(result.device, /subgroups: (true|false)/);
+  } finally {
+    await context.close();
+  }
+});
+
 test('the demo page loads a bundle through the worker with progress, matches the CLI, then loads from cache and offline', TIMEOUT, async () => {
   const context = await browser.newContext();
   try {
@@ -303,6 +323,59 @@ test('bad input gives typed errors (name, message, details) that cross the worke
       const shown = await page.textContent('#error');
       assert.match(shown, /does-not-exist/, `the error box says: ${shown}`);
     });
+  } finally {
+    await context.close();
+  }
+});
+
+test('a lost GPU device ends generation with a DeviceError, and a new load works', TIMEOUT, async () => {
+  const context = await browser.newContext();
+  try {
+    const outcome = await withPage(context, async (page) => {
+      await page.goto(`${server.url}web/bench.html`);
+      return page.evaluate(async ({ url, prompt }) => {
+        // Keep the devices this page creates, to lose one on purpose.
+        const devices = [];
+        const original = GPUAdapter.prototype.requestDevice;
+        GPUAdapter.prototype.requestDevice = async function (descriptor) {
+          const device = await original.call(this, descriptor);
+          devices.push(device);
+          return device;
+        };
+        const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
+        const describe = (e) => ({ name: e.name, message: e.message, details: e.details });
+        const model = await Phi2.load(url, { worker: false, cache: false, backend: 'webgpu' });
+        const ids = [];
+        let error = null;
+        try {
+          for await (const token of model.generate(prompt, { maxTokens: 8 })) {
+            ids.push(token.tokenId);
+            if (ids.length === 2) devices.at(-1).destroy();
+          }
+        } catch (e) {
+          error = describe(e);
+        }
+        // On this page's thread the device cannot come back: a load says so at once.
+        let again = null;
+        try {
+          await Phi2.load(url, { worker: false, cache: false, backend: 'webgpu' });
+        } catch (e) {
+          again = describe(e);
+        }
+        // A load in worker mode (the default) starts afresh.
+        const fresh = await Phi2.load(url, { backend: 'webgpu', cache: false });
+        const freshIds = [];
+        for await (const token of fresh.generate(prompt, { maxTokens: 16 })) freshIds.push(token.tokenId);
+        await fresh.unload();
+        return { ids, error, again, freshIds };
+      }, { url: bundleUrl, prompt: PROMPT });
+    });
+    process.stderr.write(`[browser test] device lost: ${JSON.stringify(outcome)}\n`);
+    assert.equal(outcome.ids.length, 2, 'generation must end at the loss');
+    assert.equal(outcome.error?.name, 'DeviceError', JSON.stringify(outcome.error));
+    assert.match(outcome.error.message, /GPU device was lost/);
+    assert.equal(outcome.again?.name, 'DeviceError', JSON.stringify(outcome.again));
+    assert.deepEqual(outcome.freshIds, native.bundle.generated_ids.slice(0, 16));
   } finally {
     await context.close();
   }

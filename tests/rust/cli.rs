@@ -222,30 +222,73 @@ fn synth_and_bench_smoke_run() {
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
-    let report = json_stdout(&[
-        "bench",
-        "--model",
-        out.to_str().unwrap(),
-        "--backend",
-        "cpu",
-        "--prompt-tokens",
-        "16",
-        "--gen-tokens",
-        "4",
-        "--json",
-    ]);
-    for field in [
-        "load_s",
-        "time_to_first_token_s",
-        "prefill_tokens_per_s",
-        "decode_tokens_per_s",
-        "decode_effective_gb_per_s",
-    ] {
-        assert!(
-            report[field].as_f64().is_some_and(|v| v > 0.0),
-            "{field} in {report}"
-        );
+    // Both backends: the GPU one counts kernel launches, the CPU one launches none.
+    for backend in ["cpu", "wgpu"] {
+        let report = json_stdout(&[
+            "bench",
+            "--model",
+            out.to_str().unwrap(),
+            "--backend",
+            backend,
+            "--prompt-tokens",
+            "16",
+            "--gen-tokens",
+            "4",
+            "--copy-mb",
+            "4",
+            "--json",
+        ]);
+        for field in [
+            "loadS",
+            "timeToFirstTokenS",
+            "prefillTokensPerS",
+            "decodeTokensPerS",
+            "decodeEffectiveGbPerS",
+            "copyGbPerS",
+            "bandwidthRatio",
+        ] {
+            assert!(
+                report[field].as_f64().is_some_and(|v| v > 0.0),
+                "{field} in {report}"
+            );
+        }
+        assert_eq!(report["generatedTokens"], 4, "{report}");
+        assert_eq!(report["promptTokens"], 16, "{report}");
+        assert_eq!(report["copyBytes"], 4 << 20, "{report}");
+        assert!(report["peakRssBytes"].as_u64().is_some_and(|v| v > 0));
+        let launches = report["launchesPerToken"].as_f64().unwrap();
+        if backend == "cpu" {
+            assert_eq!(launches, 0.0, "{report}");
+        } else {
+            assert!(launches >= 1.0, "{report}");
+        }
     }
-    assert_eq!(report["generated_tokens"], 4, "{report}");
-    assert!(report["peak_rss_bytes"].as_u64().is_some_and(|v| v > 0));
+}
+
+#[test]
+fn a_full_disk_during_convert_fails_cleanly() {
+    let out = Scratch::new("full-disk");
+    let partial = format!("{}.partial", out.display());
+    // `ulimit -f` caps every file the converter writes at 256 KiB: the first 1 MiB chunk fails
+    // part-way as on a full disk (EFBIG; SIGXFSZ ignored so that the write reports it).
+    let script =
+        r#"ulimit -f 256; trap '' XFSZ; exec "$0" convert --from "$1" --out "$2" --chunk-mb 1"#;
+    let output = Command::new("bash")
+        .args(["-c", script, env!("CARGO_BIN_EXE_phi2")])
+        .arg(fixture("phi-tok"))
+        .arg(&*out)
+        .output()
+        .expect("run bash");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("chunk-00000.bin") && stderr.contains("File too large"),
+        "the error must name the file and the cause: {stderr}"
+    );
+    assert!(!out.exists(), "a bundle directory was left behind");
+    assert!(
+        !std::path::Path::new(&partial).exists(),
+        "the partial directory was left behind"
+    );
 }

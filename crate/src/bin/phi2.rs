@@ -11,7 +11,7 @@ use std::time::Instant;
 use phi2_web::weights::convert::{convert_gguf, convert_hf, synthesize, Summary};
 use phi2_web::weights::load_dir;
 use phi2_web::{
-    block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session, Timings,
+    block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session,
 };
 use serde_json::json;
 
@@ -40,6 +40,22 @@ enum Command {
     Synth(SynthArgs),
     /// Measure load time, time to first token, prefill and decode speed, peak memory.
     Bench(BenchArgs),
+    /// Download a bundle from a URL into a directory (retries, sha256 checks, resumes).
+    Download(DownloadArgs),
+}
+
+#[derive(Args)]
+struct DownloadArgs {
+    /// The bundle's folder URL (where its manifest.json is).
+    #[arg(long)]
+    url: String,
+    /// The directory to create (must not exist). An unfinished download waits in
+    /// `<out>.partial/`; running the same command again resumes it.
+    #[arg(long)]
+    out: PathBuf,
+    /// A request that receives nothing for this long is retried (4 tries per file).
+    #[arg(long, default_value_t = 30_000)]
+    stall_timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -50,6 +66,9 @@ struct BenchArgs {
     prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
+    /// MiB copied to measure the device's memory bandwidth.
+    #[arg(long, default_value_t = 256)]
+    copy_mb: u64,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -92,6 +111,10 @@ struct ModelArgs {
     /// Where to run: cpu or wgpu.
     #[arg(long, default_value = "wgpu")]
     backend: BackendKind,
+    /// Let the 4-bit matmul multiply in f16 where the GPU has shader-f16 (logits move by
+    /// ~1e-2; greedy tokens can change).
+    #[arg(long)]
+    f16_products: bool,
 }
 
 #[derive(Args)]
@@ -152,6 +175,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert(args),
         Command::Synth(args) => synth(args),
         Command::Bench(args) => bench(args),
+        Command::Download(args) => download(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -163,6 +187,7 @@ fn main() -> ExitCode {
 }
 
 fn load(args: &ModelArgs) -> Result<(phi2_web::Phi, PhiTokenizer)> {
+    phi2_web::kernels::allow_f16_products(args.f16_products);
     let device = block_on(args.backend.device())?;
     load_dir(&args.model, &device)
 }
@@ -308,6 +333,34 @@ fn synth(args: SynthArgs) -> Result<()> {
     Ok(())
 }
 
+fn download(args: DownloadArgs) -> Result<()> {
+    use phi2_web::weights::download::{download_bundle, DownloadOptions};
+    let started = Instant::now();
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} chunks {elapsed}")
+            .expect("a valid template"),
+    );
+    let options = DownloadOptions {
+        stall: std::time::Duration::from_millis(args.stall_timeout_ms.max(1)),
+        ..DownloadOptions::default()
+    };
+    let done = download_bundle(&args.url, &args.out, options, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    let done = done?;
+    eprintln!(
+        "{}: {} chunks ({} kept from an earlier try), {:.1} MB fetched in {:.1} s",
+        args.out.display(),
+        done.chunks,
+        done.resumed_chunks,
+        done.fetched_bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Peak resident memory of this process so far (Linux), in bytes.
 fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -321,53 +374,28 @@ fn bench(args: BenchArgs) -> Result<()> {
     let (model, tokenizer) = load(&args.model)?;
     let load_s = started.elapsed().as_secs_f64();
     let load_peak_rss = peak_rss();
-    let config = model.config().clone();
-    let prompt_tokens = args
-        .prompt_tokens
-        .clamp(1, config.max_position_embeddings - 1);
-    let gen_tokens = args
-        .gen_tokens
-        .min(config.max_position_embeddings - prompt_tokens);
-    // Synthetic prompt: speed does not depend on the token values.
-    let prompt: Vec<u32> = (0..prompt_tokens)
-        .map(|i| (i * 7919 % 50000) as u32)
-        .collect();
-    let params = SamplingParams {
-        max_tokens: gen_tokens,
-        ..SamplingParams::default()
-    };
-    // Warm-up: compiles every kernel (WGSL compilation costs seconds on first use).
-    let mut warm = Session::new(
-        &model,
-        prompt[..prompt_tokens.min(8)].to_vec(),
-        params.clone(),
-    )?;
-    for _ in 0..2 {
-        block_on(warm.next(&model, &tokenizer))?;
-    }
-    drop(warm); // its KV cache would count twice in the peak memory
-    let mut session = Session::new(&model, prompt, params)?;
     let clock = Instant::now();
     let now_ms = || clock.elapsed().as_secs_f64() * 1000.0;
-    let mut timings = Timings::start(now_ms());
-    while block_on(session.next(&model, &tokenizer))?.is_some() {
-        timings.token(now_ms());
-    }
-    let stats = timings.stats(&session);
-    let weight_bytes = phi2_web::weights::bundle::linear_weight_bytes(&config);
-    let report = json!({
+    let report = block_on(phi2_web::bench::run(
+        &model,
+        &tokenizer,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.copy_mb << 20,
+        &now_ms,
+    ))?;
+    let mut report = serde_json::to_value(report).expect("JSON");
+    let extra = json!({
         "backend": args.model.backend.name(),
         "model": args.model.model.display().to_string(),
-        "load_s": load_s,
-        "prompt_tokens": stats.prompt_tokens,
-        "time_to_first_token_s": stats.time_to_first_token_ms / 1000.0,
-        "prefill_tokens_per_s": stats.prefill_tokens_per_s,
-        "generated_tokens": stats.generated_tokens,
-        "decode_tokens_per_s": stats.decode_tokens_per_s,
-        "decode_effective_gb_per_s": weight_bytes as f64 * stats.decode_tokens_per_s / 1e9,
-        "load_peak_rss_bytes": load_peak_rss,
-        "peak_rss_bytes": peak_rss(),
+        "loadS": load_s,
+        "loadPeakRssBytes": load_peak_rss,
+        "peakRssBytes": peak_rss(),
     });
+    report
+        .as_object_mut()
+        .expect("an object")
+        .extend(extra.as_object().expect("an object").clone());
     if args.json {
         println!("{report}");
     } else {

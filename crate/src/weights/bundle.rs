@@ -161,9 +161,18 @@ impl Manifest {
                 name: slot.hf_name(),
             });
         }
+        // Files are named relative to the manifest's folder, never outside it.
+        let plain =
+            |name: &str| !(name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.'));
+        if !plain(&self.tokenizer) {
+            return Err(fail(format!(
+                "tokenizer: `{}` is not a plain file name",
+                self.tokenizer
+            )));
+        }
         let mut total = 0u64;
         for (i, c) in self.chunks.iter().enumerate() {
-            if c.file.is_empty() || c.file.contains(['/', '\\']) || c.file.starts_with('.') {
+            if !plain(&c.file) {
                 return Err(fail(format!(
                     "chunk {i}: `{}` is not a plain file name",
                     c.file

@@ -4,6 +4,8 @@
 pub mod bundle;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod convert;
+#[cfg(feature = "cli")]
+pub mod download;
 pub mod gguf;
 pub mod names;
 pub mod safetensors;

@@ -1,0 +1,218 @@
+//! The benchmark shared by `phi2 bench` and the browser's bench page: time to first token,
+//! prefill and decode speed, kernel launches per decoded token, and the effective decode
+//! bandwidth next to a plain device memory copy measured in the same run.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use cubecl::logging::{LaunchObservation, LaunchObserver};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::generation::{SamplingParams, Session, Timings};
+use crate::model::Phi;
+use crate::tokenizer::PhiTokenizer;
+use crate::weights::bundle::linear_weight_bytes;
+
+/// What a benchmark run measures (besides load, which its caller times).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BenchReport {
+    pub device: String,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub time_to_first_token_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    /// GPU kernels launched per decoded token (0 on the CPU backend, which launches none).
+    pub launches_per_token: f64,
+    /// The same by kernel (name → launches per token), most first.
+    pub launches_by_kernel: Vec<(String, f64)>,
+    /// 4-bit linear-weight bytes read per decoded token.
+    pub weight_bytes_per_token: u64,
+    /// `weight_bytes_per_token` × decode tokens/s.
+    pub decode_effective_gb_per_s: f64,
+    /// A plain device copy (read + write) of `copy_bytes`, in the same run.
+    pub copy_gb_per_s: f64,
+    pub copy_bytes: u64,
+    /// `decode_effective_gb_per_s` / `copy_gb_per_s`.
+    pub bandwidth_ratio: f64,
+}
+
+/// Counts the kernel launches issued while it is alive (every device, every thread), by kernel.
+pub struct LaunchCounter {
+    counts: Arc<Counts>,
+    _observation: LaunchObservation,
+}
+
+#[derive(Default)]
+struct Counts(Mutex<BTreeMap<&'static str, usize>>);
+
+impl LaunchObserver for Counts {
+    fn launched(&self, kernel: &'static str) {
+        *self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .entry(kernel)
+            .or_default() += 1;
+    }
+}
+
+impl LaunchCounter {
+    pub fn start() -> Self {
+        let counts = Arc::new(Counts::default());
+        LaunchCounter {
+            _observation: LaunchObservation::new(counts.clone()),
+            counts,
+        }
+    }
+
+    pub fn launches(&self) -> usize {
+        self.counts.0.lock().expect("not poisoned").values().sum()
+    }
+
+    /// Launches by kernel, named without module paths and generic arguments, most first.
+    pub fn by_kernel(&self) -> Vec<(String, usize)> {
+        let mut named = BTreeMap::<String, usize>::new();
+        for (kernel, count) in self.counts.0.lock().expect("not poisoned").iter() {
+            let base = kernel.split('<').next().unwrap_or(kernel);
+            let short = base.rsplit("::").next().unwrap_or(base);
+            *named.entry(short.to_string()).or_default() += count;
+        }
+        let mut named: Vec<_> = named.into_iter().collect();
+        named.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        named
+    }
+}
+
+/// Device memory-copy bandwidth in GB/s (bytes read + written per second): `bytes` copied
+/// back and forth between two device buffers by the plainest kernel
+/// ([`crate::kernels::copy_words`]), or by `memcpy` in host memory on the CPU backend.
+pub async fn copy_bandwidth(device: &Device, bytes: u64, now_ms: &dyn Fn() -> f64) -> Result<f64> {
+    const REPEATS: usize = 8;
+    let words = (bytes / 4).max(1) as usize;
+    let seconds = if crate::kernels::is_cpu(device) {
+        let mut a: Vec<u32> = (0..words as u32).collect();
+        let mut b = vec![0u32; words];
+        let started = now_ms();
+        for _ in 0..REPEATS {
+            b.copy_from_slice(&a);
+            std::mem::swap(&mut a, &mut b);
+        }
+        let seconds = (now_ms() - started) / 1000.0;
+        std::hint::black_box(&a);
+        seconds
+    } else {
+        let source: Vec<u32> = (0..words as u32).collect();
+        let mut a =
+            Tensor::<1, Int>::from_data(TensorData::new(source, [words]), (device, DType::U32));
+        let mut b = crate::kernels::copy_words(&a); // compiles the kernel, allocates
+        last_word(b.clone(), words).await?;
+        let started = now_ms();
+        for _ in 0..REPEATS {
+            b = crate::kernels::copy_words(&a);
+            std::mem::swap(&mut a, &mut b);
+        }
+        // Reading the last copy's last word waits for every copy before it.
+        let last = last_word(a, words).await?;
+        let seconds = (now_ms() - started) / 1000.0;
+        if last != words as u64 - 1 {
+            return Err(Error::Device(format!(
+                "the copy benchmark read back {last}, not {}",
+                words - 1
+            )));
+        }
+        seconds
+    };
+    Ok(2.0 * (words * 4) as f64 * REPEATS as f64 / seconds / 1e9)
+}
+
+async fn last_word(words: Tensor<1, Int>, len: usize) -> Result<u64> {
+    let data = words
+        .narrow(0, len - 1, 1)
+        .into_data_async()
+        .await
+        .map_err(|e| Error::Device(format!("reading back failed: {e:?}")))?;
+    let value = data
+        .iter::<u64>()
+        .next()
+        .ok_or_else(|| Error::Device("reading back gave nothing".into()))?;
+    Ok(value)
+}
+
+/// Runs `prompt_tokens` of a synthetic prompt and `gen_tokens` greedy tokens (speed does not
+/// depend on the token values), after a warm-up that compiles every kernel, then measures the
+/// device's copy bandwidth over `copy_bytes`.
+pub async fn run(
+    model: &Phi,
+    tokenizer: &PhiTokenizer,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    copy_bytes: u64,
+    now_ms: &dyn Fn() -> f64,
+) -> Result<BenchReport> {
+    let config = model.config();
+    let context = config.max_position_embeddings;
+    let prompt_tokens = prompt_tokens.clamp(1, context - 1);
+    let gen_tokens = gen_tokens.clamp(1, context - prompt_tokens);
+    let prompt: Vec<u32> = (0..prompt_tokens)
+        .map(|i| (i * 7919 % 50000) as u32)
+        .collect();
+    let params = SamplingParams {
+        max_tokens: gen_tokens,
+        // The synthetic model may produce <|endoftext|> early; a stop string never matches.
+        ..SamplingParams::default()
+    };
+    // Warm-up: a short prompt and two steps compile every shader (seconds on first use).
+    {
+        let mut warm = Session::new(
+            model,
+            prompt[..prompt_tokens.min(8)].to_vec(),
+            params.clone(),
+        )?;
+        for _ in 0..2 {
+            warm.next(model, tokenizer).await?;
+        }
+    } // its KV cache would count twice in the peak memory
+
+    let mut session = Session::new(model, prompt, params)?;
+    session.ignore_end_of_text();
+    let mut timings = Timings::start(now_ms());
+    let mut launches = None;
+    while session.next(model, tokenizer).await?.is_some() {
+        timings.token(now_ms());
+        // Counted from the first decoded token on: prefill launches once per prompt.
+        launches.get_or_insert_with(LaunchCounter::start);
+    }
+    let stats = timings.stats(&session);
+    let decoded = stats.generated_tokens.saturating_sub(1).max(1);
+    let per_token = |count: usize| count as f64 / decoded as f64;
+    let launches_per_token = per_token(launches.as_ref().map_or(0, LaunchCounter::launches));
+    let launches_by_kernel = launches.map_or_else(Vec::new, |c| {
+        c.by_kernel()
+            .into_iter()
+            .map(|(name, count)| (name, per_token(count)))
+            .collect()
+    });
+    let weight_bytes_per_token = linear_weight_bytes(config);
+    let effective = weight_bytes_per_token as f64 * stats.decode_tokens_per_s / 1e9;
+    drop(session);
+    let copy = copy_bandwidth(model.device(), copy_bytes, now_ms).await?;
+    Ok(BenchReport {
+        device: crate::kernels::describe_device(model.device()),
+        prompt_tokens: stats.prompt_tokens,
+        generated_tokens: stats.generated_tokens,
+        time_to_first_token_s: stats.time_to_first_token_ms / 1000.0,
+        prefill_tokens_per_s: stats.prefill_tokens_per_s,
+        decode_tokens_per_s: stats.decode_tokens_per_s,
+        launches_per_token,
+        launches_by_kernel,
+        weight_bytes_per_token,
+        decode_effective_gb_per_s: effective,
+        copy_gb_per_s: copy,
+        copy_bytes,
+        bandwidth_ratio: effective / copy,
+    })
+}
