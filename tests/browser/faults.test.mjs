@@ -1,5 +1,6 @@
 // Downloads that recover: the package loads a bundle from a server that fails on purpose
-// (HTTP 503, connections cut mid-body, corrupted bytes, missing files), in 50 seeded scenarios.
+// (HTTP 503, connections cut or stalled mid-body, corrupted bytes, missing files), in 50 seeded
+// scenarios.
 // For each, a model of the documented policy (4 attempts per download with backoff; a chunk
 // that fails its sha256 is fetched once more) says whether the load must succeed; then it must
 // generate the CLI's tokens, or fail with a typed error naming the file — never hang, never
@@ -23,6 +24,8 @@ const PHI2_BIN = process.env.PHI2_BIN || path.join(REPO, 'target', 'debug', 'phi
 const PROMPT = 'Hello World';
 const TOKENS = 4;
 const ATTEMPTS = 4; // pkg/src/engine.js
+/** The loads' `stallTimeoutMs`: a stalled download is retried after this long. */
+const STALL_MS = 1000;
 const SCENARIOS = 50;
 
 let server;
@@ -53,11 +56,12 @@ function scenario(seed, files) {
     const count = pick([0, 0, 0, 1, 1, 2, 3, 4, 5]);
     const list = [];
     for (let i = 0; i < count; i++) {
-      const kinds = ['503', 'drop', 'drop', ...(isChunk ? ['corrupt', 'corrupt'] : []), ...(random() < 0.1 ? ['404'] : [])];
+      const kinds = ['503', 'drop', 'drop', 'stall', ...(isChunk ? ['corrupt', 'corrupt'] : []), ...(random() < 0.1 ? ['404'] : [])];
       const kind = pick(kinds);
       if (kind === '503') list.push({ status: 503 });
       else if (kind === '404') list.push({ status: 404 });
       else if (kind === 'drop') list.push({ dropAfter: Math.floor(random() * file.size) });
+      else if (kind === 'stall') list.push({ stallAfter: Math.floor(random() * file.size) });
       else list.push({ corruptAt: Math.floor(random() * file.size) });
     }
     faults.set(file.path, list);
@@ -112,10 +116,10 @@ after(async () => {
 });
 
 async function loadAndGenerate() {
-  return page.evaluate(async ({ url, prompt, tokens }) => {
+  return page.evaluate(async ({ url, prompt, tokens, stallTimeoutMs }) => {
     const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
     try {
-      const model = await Phi2.load(url, { worker: false, backend: 'cpu', concurrency: 2 });
+      const model = await Phi2.load(url, { worker: false, backend: 'cpu', concurrency: 2, stallTimeoutMs });
       const ids = [];
       for await (const token of model.generate(prompt, { maxTokens: tokens })) ids.push(token.tokenId);
       await model.unload();
@@ -123,7 +127,7 @@ async function loadAndGenerate() {
     } catch (e) {
       return { ok: false, name: e.name, message: e.message, details: e.details };
     }
-  }, { url: `../${BUNDLE}/`, prompt: PROMPT, tokens: TOKENS });
+  }, { url: `../${BUNDLE}/`, prompt: PROMPT, tokens: TOKENS, stallTimeoutMs: STALL_MS });
 }
 
 test(`the loader recovers from transient faults and names the file otherwise (${SCENARIOS} seeded scenarios)`, { timeout: 40 * 60 * 1000 }, async () => {
@@ -193,19 +197,21 @@ test(`the loader recovers from transient faults and names the file otherwise (${
     outcomes[result.ok ? 'ok' : result.name] = (outcomes[result.ok ? 'ok' : result.name] ?? 0) + 1;
   }
   process.stderr.write(`[faults] outcomes: ${JSON.stringify(outcomes)}\n`);
-  const served = { 503: 0, 404: 0, drop: 0, corrupt: 0 };
+  const served = { 503: 0, 404: 0, drop: 0, stall: 0, corrupt: 0 };
   for (const request of server.requests) {
     const fault = request.fault ?? {};
     if (fault.status) served[fault.status] += 1;
     if (fault.dropAfter !== undefined) served.drop += 1;
+    if (fault.stallAfter !== undefined) served.stall += 1;
     if (fault.corruptAt !== undefined) served.corrupt += 1;
   }
   console.log([
-    '| scenarios | loads that succeeded (CLI tokens) | LoadError | IntegrityError | faults served: 503 / 404 / cut / corrupt |',
+    '| scenarios | loads that succeeded (CLI tokens) | LoadError | IntegrityError | faults served: 503 / 404 / cut / stalled / corrupt |',
     '| --- | --- | --- | --- | --- |',
-    `| ${SCENARIOS} | ${outcomes.ok} | ${outcomes.LoadError ?? 0} | ${outcomes.IntegrityError ?? 0} | ${served[503]} / ${served[404]} / ${served.drop} / ${served.corrupt} |`,
+    `| ${SCENARIOS} | ${outcomes.ok} | ${outcomes.LoadError ?? 0} | ${outcomes.IntegrityError ?? 0} | ${served[503]} / ${served[404]} / ${served.drop} / ${served.stall} / ${served.corrupt} |`,
   ].join('\n'));
   assert.ok(outcomes.ok >= 10 && Object.keys(outcomes).length >= 3, `the scenarios should mix outcomes: ${JSON.stringify(outcomes)}`);
+  assert.ok(served.stall > 0 && served.drop > 0 && served.corrupt > 0 && served[503] > 0, `every kind of fault must be served: ${JSON.stringify(served)}`);
 
   // Nothing corrupt was kept: with the faults gone, the load succeeds, and a second load makes
   // no chunk request.
@@ -235,4 +241,49 @@ test('a corrupt chunk in the cache is fetched again, not used', { timeout: 5 * 6
   assert.deepEqual(result.ids, expectedIds);
   const chunkRequests = server.requests.slice(mark).filter((r) => /chunk-/.test(r.path)).map((r) => r.path);
   assert.deepEqual(chunkRequests, [`/${BUNDLE}/chunk-00000.bin`], 'only the corrupt chunk is fetched again');
+});
+
+test('with a storage quota too small for the bundle the load succeeds, warns, and keeps what fit', { timeout: 5 * 60 * 1000 }, async () => {
+  planned = new Map();
+  const context = await browser.newContext();
+  try {
+    const small = await context.newPage();
+    forwardPageLogs(small);
+    await small.goto(`${server.url}web/index.html`);
+    const cdp = await context.newCDPSession(small);
+    const manifest = JSON.parse(execFileSync('cat', [path.join(REPO, BUNDLE, 'manifest.json')], { encoding: 'utf8' }));
+    const total = manifest.chunks.reduce((sum, c) => sum + c.size, 0);
+    // Room for about half the chunks.
+    await cdp.send('Storage.overrideQuotaForOrigin', { origin: new URL(server.url).origin, quotaSize: Math.floor(total / 2) });
+    const load = () => small.evaluate(async ({ url, prompt, tokens }) => {
+      const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
+      try {
+        const model = await Phi2.load(url, { worker: false, backend: 'cpu' });
+        const ids = [];
+        for await (const token of model.generate(prompt, { maxTokens: tokens })) ids.push(token.tokenId);
+        const { warnings } = model.info;
+        await model.unload();
+        const cache = await caches.open('phi2-web-bundles-v1');
+        const cached = (await cache.keys()).filter((r) => /chunk-/.test(r.url)).length;
+        return { ok: true, ids, warnings, cached };
+      } catch (e) {
+        return { ok: false, name: e.name, message: e.message };
+      }
+    }, { url: `../${BUNDLE}/`, prompt: PROMPT, tokens: TOKENS });
+    const first = await load();
+    process.stderr.write(`[faults] tiny quota, first load: ${JSON.stringify(first)}\n`);
+    assert.ok(first.ok, JSON.stringify(first));
+    assert.deepEqual(first.ids, expectedIds);
+    assert.ok(first.warnings.some((w) => /QuotaExceeded|not cached/.test(w)), `no storage warning: ${JSON.stringify(first.warnings)}`);
+    assert.ok(first.cached < manifest.chunks.length, `every chunk fit: ${first.cached}`);
+    // The next load takes what was cached and downloads only the rest.
+    const mark = server.requests.length;
+    const second = await load();
+    assert.ok(second.ok, JSON.stringify(second));
+    assert.deepEqual(second.ids, expectedIds);
+    const downloaded = server.requests.slice(mark).filter((r) => /chunk-/.test(r.path)).length;
+    assert.equal(downloaded, manifest.chunks.length - first.cached, 'only the chunks that did not fit are downloaded again');
+  } finally {
+    await context.close();
+  }
 });

@@ -10,6 +10,8 @@
 // `fault(path)` for each file request; it returns nothing (serve normally) or one of
 //   { status: 503 }        answer with that status instead
 //   { dropAfter: n }       send the headers and n bytes of the body, then cut the connection
+//   { stallAfter: n }      send the headers and n bytes of the body, then nothing (the
+//                          connection stays open until the client gives up, at most 2 min)
 //   { corruptAt: i }       flip the bits of byte i of the body
 //   { delayMs: t }         wait t ms before answering
 // Listens on 127.0.0.1 with an OS-chosen port. Serves files below `root` only (no directory
@@ -148,7 +150,8 @@ export async function startServer({ root, host = '127.0.0.1', port = 0, fault = 
         return res.end();
       }
       entry.bytes = length;
-      if (injected.dropAfter !== undefined) {
+      const cutAt = injected.dropAfter ?? injected.stallAfter;
+      if (cutAt !== undefined) {
         // Let the headers reach the page first: a connection that dies before them is retried
         // by the browser on its own, which would hide the fault from the loader.
         res.flushHeaders();
@@ -161,10 +164,15 @@ export async function startServer({ root, host = '127.0.0.1', port = 0, fault = 
         if (injected.corruptAt !== undefined && injected.corruptAt >= sent && injected.corruptAt < sent + data.length) {
           data[injected.corruptAt - sent] ^= 0xff;
         }
-        if (injected.dropAfter !== undefined && sent + data.length > injected.dropAfter) {
-          res.write(data.subarray(0, Math.max(0, injected.dropAfter - sent)));
+        if (cutAt !== undefined && sent + data.length > cutAt) {
+          res.write(data.subarray(0, Math.max(0, cutAt - sent)));
           stream.destroy();
-          res.destroy();
+          if (injected.stallAfter === undefined) {
+            res.destroy();
+          } else {
+            const giveUp = setTimeout(() => res.destroy(), 120_000);
+            res.on('close', () => clearTimeout(giveUp));
+          }
           return;
         }
         sent += data.length;

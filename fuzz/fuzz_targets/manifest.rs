@@ -1,0 +1,6 @@
+#![no_main]
+//! The bundle manifest reader on arbitrary bytes: an error or a manifest, never a panic.
+
+libfuzzer_sys::fuzz_target!(|bytes: &[u8]| {
+    let _ = phi2_web::weights::parse_manifest(bytes, "manifest.json");
+});
