@@ -83,18 +83,25 @@ impl Q4Weight {
         }
     }
 
-    /// `x · Wᵀ + bias` for `x: [tokens, cols]`, giving `[tokens, rows]`, with the device's
-    /// best kernels.
-    pub fn matmul(&self, x: Tensor<2>, bias: &Tensor<1>) -> Tensor<2> {
-        match self {
-            Q4Weight::Device { plan, .. } => self.matmul_with(x, bias, *plan),
-            Q4Weight::Host(matrix) => cpu_matmul(x, matrix, bias),
-        }
+    /// `then(x · Wᵀ + bias)` for `x: [tokens, cols]`, giving `[tokens, rows]`, with the
+    /// device's best kernels.
+    pub fn matmul(&self, x: Tensor<2>, bias: &Tensor<1>, then: Activation) -> Tensor<2> {
+        let plan = match self {
+            Q4Weight::Device { plan, .. } => *plan,
+            Q4Weight::Host(_) => KernelPlan::PORTABLE,
+        };
+        self.matmul_with(x, bias, then, plan)
     }
 
     /// [`Self::matmul`] with the kernels of `plan` (which the device must support; see
     /// [`KernelPlan::supported`]). The CPU backend has one way only.
-    pub fn matmul_with(&self, x: Tensor<2>, bias: &Tensor<1>, plan: KernelPlan) -> Tensor<2> {
+    pub fn matmul_with(
+        &self,
+        x: Tensor<2>,
+        bias: &Tensor<1>,
+        then: Activation,
+        plan: KernelPlan,
+    ) -> Tensor<2> {
         match self {
             Q4Weight::Device {
                 codes,
@@ -102,8 +109,8 @@ impl Q4Weight {
                 rows,
                 cols,
                 ..
-            } => gpu_matmul(x, codes, scales, bias, *rows, *cols, plan),
-            Q4Weight::Host(matrix) => cpu_matmul(x, matrix, bias),
+            } => gpu_matmul(x, codes, scales, bias, *rows, *cols, then, plan),
+            Q4Weight::Host(matrix) => then.apply(cpu_matmul(x, matrix, bias)),
         }
     }
 }
@@ -175,6 +182,170 @@ mod shader {
         f32::cast_from((packed >> u32::cast_from(i * 4)) & 15u32) - f32::new(8.0)
     }
 
+    /// `out[h, t, d] = x[t, h·head_dim + d]`, rotated on the first `rot` dims of each head the
+    /// rotate-half way for position `start + t` (`rot` = 0: split into heads only). One thread
+    /// per output value.
+    #[cube(launch_unchecked)]
+    pub fn heads_rotary_kernel(
+        x: &Tensor<f32>,
+        cos: &[f32],
+        sin: &[f32],
+        out: &mut [f32],
+        count: usize,
+        heads: usize,
+        head_dim: usize,
+        rot: usize,
+        start: usize,
+    ) {
+        let index = ABSOLUTE_POS;
+        if index < heads * count * head_dim {
+            let d = index % head_dim;
+            let t = (index / head_dim) % count;
+            let h = index / (head_dim * count);
+            let row = t * x.stride(0);
+            let col = x.stride(1);
+            let at = h * head_dim;
+            let mut value = x[row + (at + d) * col];
+            if d < rot {
+                let half = rot / 2;
+                // rotate_half: the partner of d is d + half (negated) or d - half.
+                let partner = x[row + (at + (d + half) % rot) * col];
+                let sign = select(d < half, f32::new(-1.0), f32::new(1.0));
+                let table = (start + t) * rot + d;
+                value = value * cos[table] + sign * partner * sin[table];
+            }
+            out[index] = value;
+        }
+    }
+
+    /// LayerNorm of each row of `x: [rows, cols]`, one workgroup per row: mean, then the
+    /// (biased) variance of the differences, as transformers computes them. Every thread
+    /// computes the row's statistics itself (reads that hit the cache) and writes its share
+    /// of the row: no shared memory or barriers, which cubecl 0.11.3 failed to verify here.
+    #[cube(launch_unchecked)]
+    pub fn layer_norm_kernel(
+        x: &Tensor<f32>,
+        weight: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) {
+        let row = CUBE_POS;
+        if row < rows {
+            let base = row * x.stride(0);
+            let step = x.stride(1);
+            let count = f32::cast_from(cols);
+            let mut sum = f32::new(0.0);
+            for col in 0..cols {
+                sum += x[base + col * step];
+            }
+            let mean = sum / count;
+            let mut squares = f32::new(0.0);
+            for col in 0..cols {
+                let d = x[base + col * step] - mean;
+                squares += d * d;
+            }
+            let scale = f32::new(1.0) / (squares / count + eps).sqrt();
+            let mut col = UNIT_POS as usize;
+            while col < cols {
+                out[row * cols + col] =
+                    (x[base + col * step] - mean) * scale * weight[col] + bias[col];
+                col += CUBE_DIM as usize;
+            }
+        }
+    }
+
+    /// `scores[h, t, j] = scale · q[h, t, :] · keys[h, j, :]` for the positions token `t` may
+    /// attend (`j ≤ start + t`); the others are never read. One thread per score.
+    #[cube(launch_unchecked)]
+    pub fn attention_scores_kernel(
+        q: &Tensor<f32>,
+        keys: &Tensor<f32>,
+        scores: &mut [f32],
+        heads: usize,
+        count: usize,
+        total: usize,
+        start: usize,
+        scale: f32,
+    ) {
+        let index = ABSOLUTE_POS;
+        if index < heads * count * total {
+            let j = index % total;
+            let t = (index / total) % count;
+            let h = index / (total * count);
+            if j <= start + t {
+                let head_dim = q.shape(2);
+                let q_at = h * q.stride(0) + t * q.stride(1);
+                let k_at = h * keys.stride(0) + j * keys.stride(1);
+                let mut dot = f32::new(0.0);
+                for d in 0..head_dim {
+                    dot += q[q_at + d * q.stride(2)] * keys[k_at + d * keys.stride(2)];
+                }
+                scores[index] = dot * scale;
+            }
+        }
+    }
+
+    /// Each row of `scores: [heads·count, total]` becomes the softmax over the positions its
+    /// token may attend, in place. One thread per row.
+    #[cube(launch_unchecked)]
+    pub fn attention_softmax_kernel(
+        scores: &mut [f32],
+        rows: usize,
+        count: usize,
+        total: usize,
+        start: usize,
+    ) {
+        let row = ABSOLUTE_POS;
+        if row < rows {
+            let end = start + row % count + 1;
+            let at = row * total;
+            let mut max = scores[at];
+            for j in 1..end {
+                max = max.max(scores[at + j]);
+            }
+            let mut sum = f32::new(0.0);
+            for j in 0..end {
+                let e = (scores[at + j] - max).exp();
+                scores[at + j] = e;
+                sum += e;
+            }
+            for j in 0..end {
+                scores[at + j] = scores[at + j] / sum;
+            }
+        }
+    }
+
+    /// `out[t, h·head_dim + d] = Σ_j probs[h, t, j] · values[h, j, d]` over the positions token
+    /// `t` attends: the heads merged back, ready for the output projection. One thread per value.
+    #[cube(launch_unchecked)]
+    pub fn attention_values_kernel(
+        probs: &[f32],
+        values: &Tensor<f32>,
+        out: &mut [f32],
+        heads: usize,
+        count: usize,
+        total: usize,
+        start: usize,
+    ) {
+        let index = ABSOLUTE_POS;
+        let head_dim = values.shape(2);
+        if index < count * heads * head_dim {
+            let d = index % head_dim;
+            let h = (index / head_dim) % heads;
+            let t = index / (head_dim * heads);
+            let at = (h * count + t) * total;
+            let v_at = h * values.stride(0) + d * values.stride(2);
+            let mut acc = f32::new(0.0);
+            for j in 0..start + t + 1 {
+                acc += probs[at + j] * values[v_at + j * values.stride(1)];
+            }
+            out[index] = acc;
+        }
+    }
+
     /// `output = input`, one word per thread (the benchmark's memory-copy bandwidth).
     #[cube(launch_unchecked)]
     pub fn copy_kernel(input: &[u32], output: &mut [u32], len: usize) {
@@ -227,6 +398,26 @@ mod shader {
         f32::cast_from(part)
     }
 
+    /// GELU, tanh approximation, as transformers' `gelu_new`. The tanh argument is clamped to
+    /// ±15, where f32 tanh is already ±1: some shader compilers' tanh overflows to NaN beyond.
+    #[cube]
+    fn gelu_tanh(x: f32) -> f32 {
+        let inner = f32::new(0.797_884_6) * (x + f32::new(0.044715) * x * x * x);
+        let t = inner.clamp(f32::new(-15.0), f32::new(15.0)).tanh();
+        f32::new(0.5) * x * (f32::new(1.0) + t)
+    }
+
+    /// The value written for an output: bias added, then the activation.
+    #[cube]
+    fn finish(acc: f32, bias: f32, #[comptime] gelu: bool) -> f32 {
+        let y = acc + bias;
+        if gelu {
+            gelu_tanh(y)
+        } else {
+            y
+        }
+    }
+
     /// One thread per output value, looping over its weight row word by word. Needs nothing
     /// beyond core WebGPU.
     #[cube(launch_unchecked)]
@@ -239,6 +430,7 @@ mod shader {
         cols: usize,
         rows: usize,
         tokens: usize,
+        #[comptime] gelu: bool,
     ) {
         let index = ABSOLUTE_POS;
         if index < rows * tokens {
@@ -254,7 +446,7 @@ mod shader {
                     * block_scale(scales, block);
                 word += 1;
             }
-            out[index] = acc + bias[row];
+            out[index] = finish(acc, bias[row], gelu);
         }
     }
 
@@ -273,6 +465,7 @@ mod shader {
         cols: usize,
         rows: usize,
         tokens: usize,
+        #[comptime] gelu: bool,
     ) {
         let planes_per_cube = usize::cast_from(CUBE_DIM / PLANE_DIM);
         let plane = CUBE_POS * planes_per_cube + usize::cast_from(UNIT_POS / PLANE_DIM);
@@ -293,7 +486,26 @@ mod shader {
         }
         let total = plane_sum(acc);
         if valid && UNIT_POS_PLANE == 0 {
-            out[index] = total + bias[row];
+            out[index] = finish(total, bias[row], gelu);
+        }
+    }
+}
+
+/// What follows a matmul. On GPU backends it runs inside the matmul kernel (one launch instead
+/// of the handful burn's element-wise ops take).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    /// GELU, tanh approximation (transformers' `gelu_new`, Phi's MLP activation).
+    GeluTanh,
+}
+
+impl Activation {
+    /// The same with burn's tensor ops.
+    pub fn apply(self, x: Tensor<2>) -> Tensor<2> {
+        match self {
+            Activation::None => x,
+            Activation::GeluTanh => burn::tensor::activation::gelu_approximate(x),
         }
     }
 }
@@ -435,6 +647,160 @@ fn gpu_rows(
     Tensor::from_primitive::<Cube>(out)
 }
 
+/// `x: [count, heads·head_dim]` (a projection's output) as `[heads, count, head_dim]`, its first
+/// `rot` dims per head rotated for positions `start..` with the `[positions, rot]` tables: one
+/// launch for what burn's ops do in about twenty (narrow, neg, cat, mul, add, swap).
+#[allow(clippy::too_many_arguments)] // the shape of one attention projection
+pub fn heads_rotary(
+    x: Tensor<2>,
+    cos: &Tensor<2>,
+    sin: &Tensor<2>,
+    heads: usize,
+    rot: usize,
+    start: usize,
+) -> Tensor<3> {
+    let [count, hidden] = x.dims();
+    let head_dim = hidden / heads;
+    let x = cube(x);
+    let (cos, sin) = (cube(cos.clone()), cube(sin.clone()));
+    let client = x.client.clone();
+    let len = count * hidden;
+    let out = CubeTensor::new_contiguous(
+        client.clone(),
+        x.device.clone(),
+        Shape::new([heads, count, head_dim]),
+        client.empty(len * 4),
+        DType::F32,
+    );
+    let table_len = cos.meta.shape().iter().product::<usize>();
+    unsafe {
+        shader::heads_rotary_kernel::launch_unchecked(
+            &client,
+            grid(len.div_ceil(WORKGROUP as usize)),
+            CubeDim::new_1d(WORKGROUP),
+            x.into_tensor_arg(),
+            BufferArg::from_raw_parts(cos.handle.clone(), table_len),
+            BufferArg::from_raw_parts(sin.handle.clone(), table_len),
+            BufferArg::from_raw_parts(out.handle.clone(), len),
+            count,
+            heads,
+            head_dim,
+            rot,
+            start,
+        );
+    }
+    Tensor::from_primitive::<Cube>(out)
+}
+
+/// Causal attention of `q: [heads, count, head_dim]` (positions `start..start + count`) over
+/// `keys`/`values: [heads, total, head_dim]` (any strides: views of the KV cache), scaled by
+/// `scale`, giving `[count, heads·head_dim]`: three launches (scores, softmax, weighted sum)
+/// for what burn's ops do in about twelve (matmuls, scale, mask, softmax, merging the heads).
+pub fn attention(
+    q: Tensor<3>,
+    keys: Tensor<3>,
+    values: Tensor<3>,
+    start: usize,
+    scale: f32,
+) -> Tensor<2> {
+    let [heads, count, head_dim] = q.dims();
+    let total = keys.dims()[1];
+    let as_cube = |t: Tensor<3>| {
+        t.try_into_primitive::<Cube>()
+            .expect("a tensor on a cubecl device")
+    };
+    let (q, keys, values) = (as_cube(q), as_cube(keys), as_cube(values));
+    let client = q.client.clone();
+    let device = q.device.clone();
+    let scores_len = heads * count * total;
+    let scores = client.empty(scores_len * 4);
+    let out_len = count * heads * head_dim;
+    let out = CubeTensor::new_contiguous(
+        client.clone(),
+        device,
+        Shape::new([count, heads * head_dim]),
+        client.empty(out_len * 4),
+        DType::F32,
+    );
+    let dim = CubeDim::new_1d(WORKGROUP);
+    let cubes = |n: usize| grid(n.div_ceil(WORKGROUP as usize));
+    unsafe {
+        shader::attention_scores_kernel::launch_unchecked(
+            &client,
+            cubes(scores_len),
+            dim,
+            q.into_tensor_arg(),
+            keys.into_tensor_arg(),
+            BufferArg::from_raw_parts(scores.clone(), scores_len),
+            heads,
+            count,
+            total,
+            start,
+            scale,
+        );
+        shader::attention_softmax_kernel::launch_unchecked(
+            &client,
+            cubes(heads * count),
+            dim,
+            BufferArg::from_raw_parts(scores.clone(), scores_len),
+            heads * count,
+            count,
+            total,
+            start,
+        );
+        shader::attention_values_kernel::launch_unchecked(
+            &client,
+            cubes(out_len),
+            dim,
+            BufferArg::from_raw_parts(scores, scores_len),
+            values.into_tensor_arg(),
+            BufferArg::from_raw_parts(out.handle.clone(), out_len),
+            heads,
+            count,
+            total,
+            start,
+        );
+    }
+    Tensor::from_primitive::<Cube>(out)
+}
+
+/// LayerNorm over the last dimension of `x: [rows, cols]`: one launch for what burn's ops do
+/// in about nine.
+pub fn layer_norm(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) -> Tensor<2> {
+    const THREADS: u32 = 64;
+    let [rows, cols] = x.dims();
+    let x = cube(x);
+    let as_cube = |t: &Tensor<1>| {
+        t.clone()
+            .try_into_primitive::<Cube>()
+            .expect("parameters on the same cubecl device")
+    };
+    let (weight, bias) = (as_cube(weight), as_cube(bias));
+    let client = x.client.clone();
+    let out = CubeTensor::new_contiguous(
+        client.clone(),
+        x.device.clone(),
+        Shape::new([rows, cols]),
+        client.empty(rows * cols * 4),
+        DType::F32,
+    );
+    unsafe {
+        shader::layer_norm_kernel::launch_unchecked(
+            &client,
+            grid(rows),
+            CubeDim::new_1d(THREADS),
+            x.into_tensor_arg(),
+            BufferArg::from_raw_parts(weight.handle.clone(), cols),
+            BufferArg::from_raw_parts(bias.handle.clone(), cols),
+            BufferArg::from_raw_parts(out.handle.clone(), rows * cols),
+            rows,
+            cols,
+            eps as f32,
+        );
+    }
+    Tensor::from_primitive::<Cube>(out)
+}
+
 /// `cubes` workgroups. Past WebGPU's per-dimension limit (65535) the grid wraps into a second
 /// dimension; the kernels index by `ABSOLUTE_POS`/`CUBE_POS`, which count across dimensions,
 /// and skip what lies past their end.
@@ -477,6 +843,7 @@ fn cube(tensor: Tensor<2>) -> CubeTensor {
         .expect("a GPU tensor on a cubecl device")
 }
 
+#[allow(clippy::too_many_arguments)] // a weight's parts, the input and how to run it
 fn gpu_matmul(
     x: Tensor<2>,
     codes: &Tensor<1, Int>,
@@ -484,6 +851,7 @@ fn gpu_matmul(
     bias: &Tensor<1>,
     rows: usize,
     cols: usize,
+    then: Activation,
     plan: KernelPlan,
 ) -> Tensor<2> {
     let [tokens, _] = x.dims();
@@ -537,6 +905,7 @@ fn gpu_matmul(
                     cols,
                     rows,
                     tokens,
+                    then == Activation::GeluTanh,
                 )
             }
         };

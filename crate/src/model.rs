@@ -4,11 +4,11 @@
 //! MLP in parallel on one shared LayerNorm. Rotary embedding on the first `rotary_dim` dims of each
 //! head, rotate-half style. Batch size is 1: hidden states are `[tokens, hidden]`.
 
-use burn::tensor::activation::{gelu_approximate, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::PhiConfig;
-use crate::kernels::Q4Weight;
+use crate::kernels::{Activation, Q4Weight};
 use crate::weights::safetensors::Weights;
 use crate::weights::{LayerParam, Slot};
 
@@ -30,12 +30,13 @@ pub enum Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    /// `then(x·W + b)`; a 4-bit layer on a GPU runs it as one kernel.
+    fn forward(&self, x: Tensor<2>, then: Activation) -> Tensor<2> {
         match self {
             Linear::Dense { weight, bias } => {
-                x.matmul(weight.clone()) + bias.clone().unsqueeze::<2>()
+                then.apply(x.matmul(weight.clone()) + bias.clone().unsqueeze::<2>())
             }
-            Linear::Q4 { weight, bias } => weight.matmul(x, bias),
+            Linear::Q4 { weight, bias } => weight.matmul(x, bias, then),
         }
     }
 }
@@ -68,7 +69,11 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// One kernel on GPU backends; tensor ops on burn's CPU backend.
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        if !crate::kernels::is_cpu(&x.device()) {
+            return crate::kernels::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
         let (var, mean) = x.clone().var_mean_bias(1);
         let normed = (x - mean) / (var + self.eps).sqrt();
         normed * self.weight.clone().unsqueeze::<2>() + self.bias.clone().unsqueeze::<2>()
@@ -117,6 +122,23 @@ impl Rotary {
             cos: Tensor::from_data(TensorData::new(cos, [positions, dim]), device),
             sin: Tensor::from_data(TensorData::new(sin, [positions, dim]), device),
             dim,
+        }
+    }
+
+    /// A projection's output `[tokens, heads·head_dim]` as `[heads, tokens, head_dim]`, rotated
+    /// (when `rotate`) for positions `start..start + tokens`. GPU backends run it as one
+    /// kernel; burn's CPU backend, which runs no custom kernels, composes it from tensor ops.
+    fn split_heads(&self, x: Tensor<2>, heads: usize, start: usize, rotate: bool) -> Tensor<3> {
+        let rot = if rotate { self.dim } else { 0 };
+        if !crate::kernels::is_cpu(&x.device()) {
+            return crate::kernels::heads_rotary(x, &self.cos, &self.sin, heads, rot, start);
+        }
+        let [count, hidden] = x.dims();
+        let split = x.reshape([count, heads, hidden / heads]).swap_dims(0, 1);
+        if rotate {
+            self.apply(split, start)
+        } else {
+            split
         }
     }
 
@@ -281,16 +303,21 @@ impl Phi {
         let start = cache.len;
         let count = tokens.len();
         let mut hidden = self.embedding.forward(tokens, &self.device);
-        let mask = (count > 1).then(|| self.causal_mask(start, count));
+        // The GPU attention kernels skip masked positions; only the CPU path adds a mask.
+        let mask = (count > 1 && crate::kernels::is_cpu(&self.device))
+            .then(|| self.causal_mask(start, count));
         for (index, layer) in self.layers.iter().enumerate() {
             let x = layer.norm.forward(hidden.clone());
             let attention = self.attention(layer, x.clone(), start, index, cache, mask.clone());
-            let mlp = layer.fc2.forward(gelu_approximate(layer.fc1.forward(x)));
+            let mlp = layer
+                .fc2
+                .forward(layer.fc1.forward(x, Activation::GeluTanh), Activation::None);
             hidden = hidden + attention + mlp;
         }
         cache.len = start + count;
         let last = hidden.narrow(0, count - 1, 1);
-        self.lm_head.forward(self.final_norm.forward(last))
+        self.lm_head
+            .forward(self.final_norm.forward(last), Activation::None)
     }
 
     /// `[1, tokens, start + tokens]`: 0 where a token may attend, `MASKED` after it.
@@ -314,23 +341,26 @@ impl Phi {
         let [count, hidden] = x.dims();
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.head_dim();
-        let split_heads = |t: Tensor<2>| t.reshape([count, heads, head_dim]).swap_dims(0, 1); // [heads, count, head_dim]
-        let q = self
-            .rotary
-            .apply(split_heads(layer.q.forward(x.clone())), start);
-        let k = self
-            .rotary
-            .apply(split_heads(layer.k.forward(x.clone())), start);
-        let v = split_heads(layer.v.forward(x));
+        // Each [heads, count, head_dim].
+        let split = |t: Tensor<2>, rotate| self.rotary.split_heads(t, heads, start, rotate);
+        let project = |linear: &Linear, x| linear.forward(x, Activation::None);
+        let q = split(project(&layer.q, x.clone()), true);
+        let k = split(project(&layer.k, x.clone()), true);
+        let v = split(project(&layer.v, x), false);
         let (keys, values) = cache.append(index, start, k, v);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let mut scores = q.matmul(keys.swap_dims(1, 2)) * scale; // [heads, count, total]
-        if let Some(mask) = mask {
-            scores = scores + mask;
-        }
-        let probs = softmax(scores, 2);
-        let out = probs.matmul(values); // [heads, count, head_dim]
-        let merged = out.swap_dims(0, 1).reshape([count, hidden]);
-        layer.dense.forward(merged)
+        let merged = if crate::kernels::is_cpu(&self.device) {
+            let mut scores = q.matmul(keys.swap_dims(1, 2)) * scale; // [heads, count, total]
+            if let Some(mask) = mask {
+                scores = scores + mask;
+            }
+            let probs = softmax(scores, 2);
+            let out = probs.matmul(values); // [heads, count, head_dim]
+            out.swap_dims(0, 1).reshape([count, hidden])
+        } else {
+            // One pass of kernels that skip masked positions instead of adding a mask.
+            crate::kernels::attention(q, keys, values, start, scale as f32)
+        };
+        layer.dense.forward(merged, Activation::None)
     }
 }

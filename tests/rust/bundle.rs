@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{fixture, max_abs_diff, reference, Scratch, BACKENDS};
-use phi2_web::kernels::{describe_device, is_cpu, KernelPlan, Q4Weight};
+use phi2_web::kernels::{describe_device, is_cpu, Activation, KernelPlan, Q4Weight};
 use phi2_web::quant::Q4Matrix;
 use phi2_web::weights::bundle::{decode, ChunkStream, Manifest, TensorBytes, MANIFEST};
 use phi2_web::weights::convert::convert_hf;
@@ -71,28 +71,36 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
                 burn::tensor::TensorData::new(bias, [rows]),
                 &device,
             );
+            // The activation inside the kernel, against transformers' gelu_new formula.
+            let gelu = |v: f32| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh());
+            let expected_gelu: Vec<f32> = expected.iter().map(|&v| gelu(v)).collect();
             let plans = plans_to_test(&device);
             for plan in &plans {
-                let y = match plan {
-                    Some(plan) => weight.matmul_with(x.clone(), &bias, *plan),
-                    None => weight.matmul(x.clone(), &bias),
-                };
-                assert_eq!(y.dims(), [tokens, rows]);
-                let got = block_on(y.into_data_async())
-                    .unwrap()
-                    .try_into_vec::<f32>()
-                    .unwrap();
-                let diff = max_abs_diff(&got, &expected);
-                // f16 products carry ~11 bits: a few thousandths on sums of up to 160 terms.
-                let tolerance = if plan.is_some_and(|p| p.f16) {
-                    2e-2
-                } else {
-                    1e-4
-                };
-                assert!(
-                    diff < tolerance,
-                    "{backend:?} {plan:?} {tokens}x{rows}x{cols}: {diff}"
-                );
+                for (then, expected) in [
+                    (Activation::None, &expected),
+                    (Activation::GeluTanh, &expected_gelu),
+                ] {
+                    let y = match plan {
+                        Some(plan) => weight.matmul_with(x.clone(), &bias, then, *plan),
+                        None => weight.matmul(x.clone(), &bias, then),
+                    };
+                    assert_eq!(y.dims(), [tokens, rows]);
+                    let got = block_on(y.into_data_async())
+                        .unwrap()
+                        .try_into_vec::<f32>()
+                        .unwrap();
+                    let diff = max_abs_diff(&got, expected);
+                    // f16 products carry ~11 bits: a few thousandths on sums of up to 160 terms.
+                    let tolerance = if plan.is_some_and(|p| p.f16) {
+                        2e-2
+                    } else {
+                        1e-4
+                    };
+                    assert!(
+                        diff < tolerance,
+                        "{backend:?} {plan:?} {then:?} {tokens}x{rows}x{cols}: {diff}"
+                    );
+                }
             }
         }
     }
