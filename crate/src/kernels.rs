@@ -313,7 +313,7 @@ mod shader {
                 sum += e;
             }
             for j in 0..end {
-                scores[at + j] = scores[at + j] / sum;
+                scores[at + j] /= sum;
             }
         }
     }
