@@ -1,6 +1,11 @@
-//! 4-bit matrix multiplication straight from the packed weights ([`crate::quant`] layout):
-//! a cubecl kernel on GPU backends (wgpu natively, WebGPU in the browser), a plain loop on
-//! burn's CPU backend. No float copy of a weight is ever made.
+//! Our GPU kernels (cubecl: wgpu natively, WebGPU in the browser) and their CPU counterparts.
+//! - 4-bit matrix multiplication straight from the packed weights ([`crate::quant`] layout),
+//!   with its bias and activation: a kernel on GPU backends, a plain loop on burn's CPU
+//!   backend. No float copy of a weight is ever made.
+//! - Embedding rows of a 4-bit table.
+//! - The decode path's fused steps: LayerNorm, split into heads with the rotary embedding, and
+//!   causal attention (burn's CPU backend composes these from tensor ops in [`crate::model`]).
+//! - The plain copy behind the benchmark's bandwidth figure.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -4,6 +4,10 @@
 // memory, and the most chunk bytes the loader held at once. Not a test: it asserts nothing.
 //
 //   node tests/browser/bench-load.mjs BUNDLE_DIR [--backend webgpu|cpu] [--tokens N]
+//                                     [--bench PROMPT_TOKENS,GEN_TOKENS,COPY_MB]
+//
+// --bench also runs `model.bench()` (what web/bench.html and `phi2 bench` run) after the cached
+// load and prints its report.
 //
 // The engine runs on the page's thread (worker: false) so that CDP sees its heap; the worker
 // runs the same code.
@@ -25,6 +29,7 @@ const option = (name, fallback) => {
 const bundleDir = path.resolve(args.find((a, i) => !a.startsWith('--') && !args[i - 1]?.startsWith('--')) ?? '/tmp/phi2-synth');
 const backend = option('--backend', 'webgpu');
 const tokens = Number(option('--tokens', '4'));
+const bench = option('--bench', null)?.split(',').map(Number);
 if (!existsSync(path.join(bundleDir, 'manifest.json'))) {
   console.error(`no bundle at ${bundleDir} (make one: target/release/phi2 synth --preset phi-2 --out ${bundleDir})`);
   process.exit(2);
@@ -62,7 +67,7 @@ const sampler = (async () => {
 
 async function load(label) {
   peakHeap = 0;
-  const figures = await page.evaluate(async ({ backend, tokens }) => {
+  const figures = await page.evaluate(async ({ backend, tokens, bench }) => {
     const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
     const started = performance.now();
     const model = await Phi2.load('../target/bench-bundle/', { worker: false, backend });
@@ -71,10 +76,13 @@ async function load(label) {
     if (tokens > 0) {
       for await (const token of model.generate('Instruct: Say hello.\nOutput:', { maxTokens: tokens })) generated += token ? 1 : 0;
     }
-    const result = { loadMs, info: model.info, stats: model.stats, generated };
+    const report = bench
+      ? await model.bench({ promptTokens: bench[0], genTokens: bench[1], copyMb: bench[2] })
+      : null;
+    const result = { loadMs, info: model.info, stats: model.stats, generated, report };
     await model.unload();
     return result;
-  }, { backend, tokens });
+  }, { backend, tokens, bench: label === 'cache' ? bench : null });
   await new Promise((resolve) => setTimeout(resolve, 300));
   return { label, ...figures, peakJsHeapBytes: peakHeap };
 }
@@ -107,6 +115,7 @@ console.log(JSON.stringify({
   network: summary(network),
   cache: { ...summary(cached), chunk_requests: chunkRequestsFromCache },
   warnings: [...network.info.warnings, ...cached.info.warnings],
+  bench: cached.report,
 }, null, 2));
 await context.close();
 await server.close();
