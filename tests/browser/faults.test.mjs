@@ -25,7 +25,7 @@ const PROMPT = 'Hello World';
 const TOKENS = 4;
 const ATTEMPTS = 4; // pkg/src/engine.js
 /** The loads' `stallTimeoutMs`: a stalled download is retried after this long. */
-const STALL_MS = 1000;
+const STALL_MS = 2000;
 const SCENARIOS = 50;
 
 let server;

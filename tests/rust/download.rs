@@ -159,8 +159,9 @@ fn download(url: &str, out: &Path) -> Output {
             "download",
             "--url",
             url,
+            // Long enough that a busy machine does not look stalled; the stall fault lasts 3 s.
             "--stall-timeout-ms",
-            "500",
+            "1500",
             "--out",
         ])
         .arg(out)
