@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use burn::backend::wgpu::CubeTensor;
 use burn::backend::{Cube, DispatchDevice};
-use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+use burn::tensor::kind::Basic;
+use burn::tensor::{BackendPrimitive, DType, Device, Int, Shape, Tensor, TensorData};
 use cubecl::client::Client;
 use cubecl::features::{Plane, TypeUsage};
 use cubecl::ir::{ElemType, FloatKind};
@@ -604,10 +605,7 @@ pub fn describe_device(device: &Device) -> String {
 }
 
 fn client_of(device: &Device) -> Client {
-    Tensor::<1>::zeros([1], device)
-        .try_into_primitive::<Cube>()
-        .expect("a tensor on a cubecl device")
-        .client
+    cube(Tensor::<1>::zeros([1], device)).client
 }
 
 fn gpu_rows(
@@ -622,11 +620,7 @@ fn gpu_rows(
         TensorData::new(ids.to_vec(), [tokens]),
         (device, DType::U32),
     );
-    let [ids, codes, scales] = [&ids, codes, scales].map(|t| {
-        t.clone()
-            .try_into_primitive::<Cube>()
-            .expect("a tensor on a cubecl device")
-    });
+    let [ids, codes, scales] = [&ids, codes, scales].map(|t| cube(t.clone()));
     let client = codes.client.clone();
     let out = CubeTensor::new_contiguous(
         client.clone(),
@@ -710,11 +704,7 @@ pub fn attention(
 ) -> Tensor<2> {
     let [heads, count, head_dim] = q.dims();
     let total = keys.dims()[1];
-    let as_cube = |t: Tensor<3>| {
-        t.try_into_primitive::<Cube>()
-            .expect("a tensor on a cubecl device")
-    };
-    let (q, keys, values) = (as_cube(q), as_cube(keys), as_cube(values));
+    let (q, keys, values) = (cube(q), cube(keys), cube(values));
     let client = q.client.clone();
     let device = q.device.clone();
     let scores_len = heads * count * total;
@@ -775,12 +765,7 @@ pub fn layer_norm(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) 
     const THREADS: u32 = 64;
     let [rows, cols] = x.dims();
     let x = cube(x);
-    let as_cube = |t: &Tensor<1>| {
-        t.clone()
-            .try_into_primitive::<Cube>()
-            .expect("parameters on the same cubecl device")
-    };
-    let (weight, bias) = (as_cube(weight), as_cube(bias));
+    let (weight, bias) = (cube(weight.clone()), cube(bias.clone()));
     let client = x.client.clone();
     let out = CubeTensor::new_contiguous(
         client.clone(),
@@ -817,10 +802,7 @@ fn grid(cubes: usize) -> CubeCount {
 /// A copy of `words` made by the plainest kernel: one read and one write per word.
 pub fn copy_words(words: &Tensor<1, Int>) -> Tensor<1, Int> {
     let len = words.dims()[0];
-    let input = words
-        .clone()
-        .try_into_primitive::<Cube>()
-        .expect("a tensor on a cubecl device");
+    let input = cube(words.clone());
     let client = input.client.clone();
     let output = CubeTensor::new_contiguous(
         client.clone(),
@@ -842,10 +824,14 @@ pub fn copy_words(words: &Tensor<1, Int>) -> Tensor<1, Int> {
     Tensor::from_primitive::<Cube>(output)
 }
 
-fn cube(tensor: Tensor<2>) -> CubeTensor {
+/// The cubecl tensor behind a tensor on a GPU device.
+fn cube<const D: usize, K>(tensor: Tensor<D, K>) -> CubeTensor
+where
+    K: Basic + BackendPrimitive<Cube, Primitive = CubeTensor>,
+{
     tensor
         .try_into_primitive::<Cube>()
-        .expect("a GPU tensor on a cubecl device")
+        .expect("a tensor on a cubecl device")
 }
 
 #[allow(clippy::too_many_arguments)] // a weight's parts, the input and how to run it
@@ -862,16 +848,11 @@ fn gpu_matmul(
     let [tokens, _] = x.dims();
     debug_assert_eq!(x.dims()[1], cols);
     let x = cube(x);
-    let as_cube = |t: &Tensor<1, Int>| {
-        t.clone()
-            .try_into_primitive::<Cube>()
-            .expect("weights on the same cubecl device")
-    };
-    let (codes, scales) = (as_cube(codes), as_cube(scales));
-    let bias = bias
-        .clone()
-        .try_into_primitive::<Cube>()
-        .expect("bias on the same cubecl device");
+    let (codes, scales, bias) = (
+        cube(codes.clone()),
+        cube(scales.clone()),
+        cube(bias.clone()),
+    );
     let client = x.client.clone();
     let handle = client.empty(tokens * rows * 4);
     let out = CubeTensor::new_contiguous(
