@@ -1,10 +1,12 @@
 //! Our GPU kernels (cubecl: wgpu natively, WebGPU in the browser) and their CPU counterparts.
 //! - 4-bit matrix multiplication straight from the packed weights ([`crate::quant`] layout),
-//!   with its bias and activation: a kernel on GPU backends, a plain loop on burn's CPU
-//!   backend. No float copy of a weight is ever made.
+//!   with its bias, activation and residual: a kernel on GPU backends, a plain loop on burn's
+//!   CPU backend. No float copy of a weight is ever made. Weights can be assembled from parts
+//!   on the device (the model runs a layer's six projections as two matmuls).
 //! - Embedding rows of a 4-bit table.
-//! - The decode path's fused steps: LayerNorm, split into heads with the rotary embedding, and
-//!   causal attention (burn's CPU backend composes these from tensor ops in [`crate::model`]).
+//! - The decode path's other fused steps: LayerNorm, and causal attention with the rotary
+//!   embedding and the KV-cache write inside (burn's CPU backend composes these from tensor
+//!   ops in [`crate::model`]).
 //! - The plain copy behind the benchmark's bandwidth figure.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,10 +21,15 @@ use cubecl::features::{Plane, TypeUsage};
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::{BufferArg, CubeCount, CubeDim};
 
-use crate::quant::{padded_cols, Q4Matrix, BLOCK};
+use crate::quant::{
+    check_placement, padded_cols, scale_words_per_row, Q4Matrix, BLOCK, PLACEMENT_COLS,
+};
 
 /// Threads per workgroup (at least one subgroup for the subgroup kernel).
 const WORKGROUP: u32 = 64;
+
+/// Tokens a matmul thread (or subgroup) handles together in a prefill.
+const PREFILL_TILE: usize = 8;
 
 /// A 4-bit weight `[rows = out features, cols = in features]` where the model runs.
 #[allow(clippy::large_enum_variant)] // a few per model, not worth a box
@@ -52,7 +59,7 @@ impl Q4Weight {
             let len = w.len();
             Tensor::<1, Int>::from_data(TensorData::new(w, [len]), (device, DType::U32))
         };
-        let scales = words(matrix.scale_words());
+        let scales = words(matrix.row_scale_words());
         Q4Weight::Device {
             plan: KernelPlan::best(device).unwrap_or(KernelPlan::PORTABLE),
             rows: matrix.rows,
@@ -63,10 +70,73 @@ impl Q4Weight {
     }
 
     pub fn rows(&self) -> usize {
+        self.shape()[0]
+    }
+
+    /// `[rows, cols]`.
+    pub fn shape(&self) -> [usize; 2] {
         match self {
-            Q4Weight::Device { rows, .. } => *rows,
-            Q4Weight::Host(m) => m.rows,
+            Q4Weight::Device { rows, cols, .. } => [*rows, *cols],
+            Q4Weight::Host(m) => [m.rows, m.cols],
         }
+    }
+
+    /// A `rows × cols` weight holding `parts` at `(row, col)` each and zeros elsewhere, made
+    /// where the parts are (on the device: one zeroed buffer the parts are copied into, word
+    /// by word). See [`Q4Matrix::assemble`] for where parts may go.
+    pub fn assemble(rows: usize, cols: usize, parts: Vec<(Q4Weight, usize, usize)>) -> Q4Weight {
+        let Some((Q4Weight::Device { codes, plan, .. }, _, _)) = parts.first() else {
+            let host: Vec<_> = parts
+                .iter()
+                .map(|(part, row, col)| match part {
+                    Q4Weight::Host(matrix) => (matrix.as_ref(), *row, *col),
+                    Q4Weight::Device { .. } => unreachable!("all parts come from one device"),
+                })
+                .collect();
+            return Q4Weight::Host(Arc::new(Q4Matrix::assemble(rows, cols, &host)));
+        };
+        let (device, plan) = (codes.device(), *plan);
+        let grid = |width| Tensor::<2, Int>::zeros([rows, width], (&device, DType::U32));
+        let (words, scale_words) = (padded_cols(cols) / 8, scale_words_per_row(cols));
+        let (mut all_codes, mut all_scales) = (grid(words), grid(scale_words));
+        for (part, row, col) in parts {
+            let Q4Weight::Device {
+                codes,
+                scales,
+                rows: part_rows,
+                cols: part_cols,
+                ..
+            } = part
+            else {
+                unreachable!("all parts come from one device")
+            };
+            check_placement(part_rows, part_cols, row, col, rows, cols);
+            let (part_words, part_scales) =
+                (padded_cols(part_cols) / 8, scale_words_per_row(part_cols));
+            let at = col / 8;
+            all_codes = all_codes.slice_assign(
+                [row..row + part_rows, at..at + part_words],
+                codes.reshape([part_rows, part_words]),
+            );
+            let at = col / PLACEMENT_COLS;
+            all_scales = all_scales.slice_assign(
+                [row..row + part_rows, at..at + part_scales],
+                scales.reshape([part_rows, part_scales]),
+            );
+        }
+        Q4Weight::Device {
+            codes: all_codes.reshape([rows * words]),
+            scales: all_scales.reshape([rows * scale_words]),
+            rows,
+            cols,
+            plan,
+        }
+    }
+
+    /// The weight in f32, `[cols, rows]` (the model's dense layout, input features first).
+    pub fn to_dense(&self, device: &Device) -> Tensor<2> {
+        let ids: Vec<u32> = (0..self.rows() as u32).collect();
+        self.rows_of(&ids, device).transpose()
     }
 
     /// Rows `ids` of the matrix, dequantized: `[ids.len(), cols]` (an embedding lookup; the
@@ -89,9 +159,9 @@ impl Q4Weight {
         }
     }
 
-    /// `then(x · Wᵀ + bias)` for `x: [tokens, cols]`, giving `[tokens, rows]`, with the
-    /// device's best kernels.
-    pub fn matmul(&self, x: Tensor<2>, bias: &Tensor<1>, then: Activation) -> Tensor<2> {
+    /// `x · Wᵀ + bias` for `x: [tokens, cols]`, then `then`, giving `[tokens, rows]`, with
+    /// the device's best kernels.
+    pub fn matmul(&self, x: Tensor<2>, bias: &Tensor<1>, then: Epilogue) -> Tensor<2> {
         let plan = match self {
             Q4Weight::Device { plan, .. } => *plan,
             Q4Weight::Host(_) => KernelPlan::PORTABLE,
@@ -105,7 +175,7 @@ impl Q4Weight {
         &self,
         x: Tensor<2>,
         bias: &Tensor<1>,
-        then: Activation,
+        then: Epilogue,
         plan: KernelPlan,
     ) -> Tensor<2> {
         match self {
@@ -176,10 +246,12 @@ mod shader {
         f32::reinterpret(select(exponent != 0u32, normal, sign))
     }
 
-    /// The scale of block `block` (two f16 scales per word).
+    /// The scale of block `block` of row `row` of a matrix `cols` wide: two f16 scales per
+    /// word, each row starting on a word of its own ([`crate::quant::Q4Matrix::row_scale_words`]).
     #[cube]
-    fn block_scale(scales: &[u32], block: usize) -> f32 {
-        half_to_f32((scales[block / 2] >> u32::cast_from((block % 2) * 16)) & 65535u32)
+    fn block_scale(scales: &[u32], row: usize, block: usize, cols: usize) -> f32 {
+        let word = scales[row * cols.div_ceil(64) + block / 2];
+        half_to_f32((word >> u32::cast_from((block % 2) * 16)) & 65535u32)
     }
 
     /// The signed value (-8..7) of code `i` (0..8) of a packed word, low nibble first.
@@ -188,40 +260,34 @@ mod shader {
         f32::cast_from((packed >> u32::cast_from(i * 4)) & 15u32) - f32::new(8.0)
     }
 
-    /// `out[h, t, d] = x[t, h·head_dim + d]`, rotated on the first `rot` dims of each head the
-    /// rotate-half way for position `start + t` (`rot` = 0: split into heads only). One thread
-    /// per output value.
-    #[cube(launch_unchecked)]
-    pub fn heads_rotary_kernel(
-        x: &Tensor<f32>,
+    /// Element `d` of head `h` of the projection starting at column `at` of the activation
+    /// row starting at `row`, rotated the rotate-half way on the first `rot` dims for position
+    /// `pos` (`rot` = 0: as it is).
+    #[cube]
+    #[allow(clippy::too_many_arguments)] // one element of a rotated head: where, and the tables
+    fn rotated(
+        inner: &[f32],
         cos: &[f32],
         sin: &[f32],
-        out: &mut [f32],
-        count: usize,
-        heads: usize,
+        row: usize,
+        at: usize,
+        h: usize,
+        d: usize,
         head_dim: usize,
         rot: usize,
-        start: usize,
-    ) {
-        let index = ABSOLUTE_POS;
-        if index < heads * count * head_dim {
-            let d = index % head_dim;
-            let t = (index / head_dim) % count;
-            let h = index / (head_dim * count);
-            let row = t * x.stride(0);
-            let col = x.stride(1);
-            let at = h * head_dim;
-            let mut value = x[row + (at + d) * col];
-            if d < rot {
-                let half = rot / 2;
-                // rotate_half: the partner of d is d + half (negated) or d - half.
-                let partner = x[row + (at + (d + half) % rot) * col];
-                let sign = select(d < half, f32::new(-1.0), f32::new(1.0));
-                let table = (start + t) * rot + d;
-                value = value * cos[table] + sign * partner * sin[table];
-            }
-            out[index] = value;
+        pos: usize,
+    ) -> f32 {
+        let base = row + at + h * head_dim;
+        let mut value = inner[base + d];
+        if d < rot {
+            let half = rot / 2;
+            // rotate_half: the partner of d is d + half (negated) or d - half.
+            let partner = inner[base + (d + half) % rot];
+            let sign = select(d < half, f32::new(-1.0), f32::new(1.0));
+            let table = pos * rot + d;
+            value = value * cos[table] + sign * partner * sin[table];
         }
+        value
     }
 
     /// LayerNorm of each row of `x: [rows, cols]`, one workgroup per row: mean, then the
@@ -263,92 +329,106 @@ mod shader {
         }
     }
 
-    /// `scores[h, t, j] = scale · q[h, t, :] · keys[h, j, :]` for the positions token `t` may
-    /// attend (`j ≤ start + t`); the others are never read. One thread per score.
+    /// `scores[h, t, j] = scale · q[h, t] · key[h, j]` for the positions token `t` may attend
+    /// (`j ≤ start + t`; the others are never read), the rotary embedding applied on the way.
+    /// Row `t` of `inner` (`stride` wide) holds token `t`'s queries, keys and values side by
+    /// side from column `q_at`. Keys of earlier tokens come from the cache `[heads, capacity,
+    /// head_dim]`. New keys are rotated from `inner` by each thread that needs them, and the
+    /// thread on the diagonal (`j = start + t`) writes them, and their values, into the cache:
+    /// no thread reads what another writes. One thread per score.
     #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)] // the layout of the activations and of the cache
     pub fn attention_scores_kernel(
-        q: &Tensor<f32>,
-        keys: &Tensor<f32>,
+        inner: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        keys: &mut [f32],
+        values: &mut [f32],
         scores: &mut [f32],
+        stride: usize,
+        q_at: usize,
         heads: usize,
+        head_dim: usize,
+        rot: usize,
         count: usize,
-        total: usize,
         start: usize,
+        capacity: usize,
         scale: f32,
     ) {
+        let total = start + count;
         let index = ABSOLUTE_POS;
         if index < heads * count * total {
             let j = index % total;
             let t = (index / total) % count;
             let h = index / (total * count);
             if j <= start + t {
-                let head_dim = q.shape(2);
-                let q_at = h * q.stride(0) + t * q.stride(1);
-                let k_at = h * keys.stride(0) + j * keys.stride(1);
+                let hidden = heads * head_dim;
+                let cached = (h * capacity + j) * head_dim;
+                let q_row = t * stride;
                 let mut dot = f32::new(0.0);
-                for d in 0..head_dim {
-                    dot += q[q_at + d * q.stride(2)] * keys[k_at + d * keys.stride(2)];
+                if j < start {
+                    for d in 0..head_dim {
+                        let q =
+                            rotated(inner, cos, sin, q_row, q_at, h, d, head_dim, rot, start + t);
+                        dot += q * keys[cached + d];
+                    }
+                } else {
+                    let k_row = (j - start) * stride;
+                    let k_at = q_at + hidden;
+                    for d in 0..head_dim {
+                        let q =
+                            rotated(inner, cos, sin, q_row, q_at, h, d, head_dim, rot, start + t);
+                        let key = rotated(inner, cos, sin, k_row, k_at, h, d, head_dim, rot, j);
+                        dot += q * key;
+                        if j == start + t {
+                            keys[cached + d] = key;
+                            values[cached + d] = inner[k_row + k_at + hidden + h * head_dim + d];
+                        }
+                    }
                 }
                 scores[index] = dot * scale;
             }
         }
     }
 
-    /// Each row of `scores: [heads·count, total]` becomes the softmax over the positions its
-    /// token may attend, in place. One thread per row.
+    /// Token `t`'s attention output for head `h`, dim `d`: the softmax of its scores over the
+    /// positions it attends, weighting the cached values. Written to row `t` of `inner` at
+    /// column `out_at + h·head_dim + d` (the queries' place: the scores kernel, launched
+    /// before, was their last reader), the heads merged, ready for the output projection.
+    /// One thread per value; each computes its row's maximum and sum itself.
     #[cube(launch_unchecked)]
-    pub fn attention_softmax_kernel(
-        scores: &mut [f32],
-        rows: usize,
+    #[allow(clippy::too_many_arguments)] // the layout of the activations and of the cache
+    pub fn attention_values_kernel(
+        scores: &[f32],
+        values: &[f32],
+        inner: &mut [f32],
+        stride: usize,
+        out_at: usize,
+        heads: usize,
+        head_dim: usize,
         count: usize,
-        total: usize,
         start: usize,
+        capacity: usize,
     ) {
-        let row = ABSOLUTE_POS;
-        if row < rows {
-            let end = start + row % count + 1;
-            let at = row * total;
+        let index = ABSOLUTE_POS;
+        if index < count * heads * head_dim {
+            let d = index % head_dim;
+            let h = (index / head_dim) % heads;
+            let t = index / (head_dim * heads);
+            let at = (h * count + t) * (start + count);
+            let end = start + t + 1;
             let mut max = scores[at];
             for j in 1..end {
                 max = max.max(scores[at + j]);
             }
             let mut sum = f32::new(0.0);
+            let mut acc = f32::new(0.0);
             for j in 0..end {
                 let e = (scores[at + j] - max).exp();
-                scores[at + j] = e;
                 sum += e;
+                acc += e * values[(h * capacity + j) * head_dim + d];
             }
-            for j in 0..end {
-                scores[at + j] /= sum;
-            }
-        }
-    }
-
-    /// `out[t, h·head_dim + d] = Σ_j probs[h, t, j] · values[h, j, d]` over the positions token
-    /// `t` attends: the heads merged back, ready for the output projection. One thread per value.
-    #[cube(launch_unchecked)]
-    pub fn attention_values_kernel(
-        probs: &[f32],
-        values: &Tensor<f32>,
-        out: &mut [f32],
-        heads: usize,
-        count: usize,
-        total: usize,
-        start: usize,
-    ) {
-        let index = ABSOLUTE_POS;
-        let head_dim = values.shape(2);
-        if index < count * heads * head_dim {
-            let d = index % head_dim;
-            let h = (index / head_dim) % heads;
-            let t = index / (head_dim * heads);
-            let at = (h * count + t) * total;
-            let v_at = h * values.stride(0) + d * values.stride(2);
-            let mut acc = f32::new(0.0);
-            for j in 0..start + t + 1 {
-                acc += probs[at + j] * values[v_at + j * values.stride(1)];
-            }
-            out[index] = acc;
+            inner[t * stride + out_at + h * head_dim + d] = acc / sum;
         }
     }
 
@@ -376,32 +456,68 @@ mod shader {
             let col = index % cols;
             let words_per_row = cols.div_ceil(32) * 4;
             let packed = codes[row * words_per_row + col / 8];
-            let block = row * (words_per_row / 4) + col / 32;
-            out[index] = code_value(packed, col % 8) * block_scale(scales, block);
+            out[index] = code_value(packed, col % 8) * block_scale(scales, row, col / 32, cols);
         }
     }
 
-    /// `Σ code·x` over the 8 codes of one packed word (those inside the row), the products
-    /// and their sum in `F` (f32, or f16 where the adapter has `shader-f16`).
+    /// Adds one block's share (32 columns: 4 packed words, one scale) of `x · Wᵀ`'s row `row`
+    /// to the accumulators of `tile` tokens from `first` (clamped to the last token: a
+    /// thread's tokens past the end compute a copy that is never written). Each word's 8 codes
+    /// are unpacked once for all the tokens; the products and each word's sum are in `F`
+    /// (f32, or f16 where the adapter has `shader-f16`), the block's sum in f32, scaled once.
+    /// `checked`: the block may reach past the row's last column.
     #[cube]
-    fn word_dot<F: Float>(
+    #[allow(clippy::too_many_arguments)] // one block of one row, for a group of tokens
+    fn add_block<F: Float>(
         x: &Tensor<f32>,
-        x_row: usize,
-        packed: u32,
-        word: usize,
+        codes: &[u32],
+        scales: &[u32],
+        row: usize,
+        block: usize,
+        first: usize,
+        tokens: usize,
         cols: usize,
-    ) -> f32 {
-        let x_col = x.stride(1);
-        let base = word * 8;
-        let mut part = F::new(0.0);
+        acc: &mut Array<f32>,
+        #[comptime] tile: usize,
+        #[comptime] checked: bool,
+    ) {
+        let mut sums = Array::<f32>::new(tile);
         #[unroll]
-        for i in 0..8usize {
-            let col = base + i;
-            if col < cols {
-                part += F::cast_from(code_value(packed, i)) * F::cast_from(x[x_row + col * x_col]);
+        for t in 0..tile {
+            sums[t] = f32::new(0.0);
+        }
+        let mut values = Array::<F>::new(8usize);
+        #[unroll]
+        for w in 0..4usize {
+            let packed = codes[(row * cols.div_ceil(32) + block) * 4 + w];
+            #[unroll]
+            for i in 0..8usize {
+                values[i] = F::cast_from(code_value(packed, i));
+            }
+            let base = block * 32 + w * 8;
+            #[unroll]
+            for t in 0..tile {
+                let token = select(first + t < tokens, first + t, tokens - 1);
+                let at = token * x.stride(0) + base;
+                let mut part = F::new(0.0);
+                #[unroll]
+                for i in 0..8usize {
+                    if checked {
+                        if base + i < cols {
+                            part += values[i] * F::cast_from(x[at + i]);
+                        }
+                    } else {
+                        part += values[i] * F::cast_from(x[at + i]);
+                    }
+                }
+                sums[t] += f32::cast_from(part);
             }
         }
-        f32::cast_from(part)
+        let scale = block_scale(scales, row, block, cols);
+        #[unroll]
+        for t in 0..tile {
+            acc[t] += sums[t] * scale;
+        }
     }
 
     /// GELU, tanh approximation, as transformers' `gelu_new`. The tanh argument is clamped to
@@ -413,105 +529,186 @@ mod shader {
         f32::new(0.5) * x * (f32::new(1.0) + t)
     }
 
-    /// The value written for an output: bias added, then the activation.
+    /// Writes the outputs of row `row` for the `tile` tokens from `first` that exist: bias
+    /// added, GELU on rows below `gelu_rows`, then the residual (when `add_residual`).
     #[cube]
-    fn finish(acc: f32, bias: f32, #[comptime] gelu: bool) -> f32 {
-        let y = acc + bias;
-        if gelu {
-            gelu_tanh(y)
-        } else {
-            y
+    #[allow(clippy::too_many_arguments)] // one row's outputs and what follows the matmul
+    fn finish(
+        acc: &Array<f32>,
+        bias: &[f32],
+        residual: &Tensor<f32>,
+        out: &mut [f32],
+        row: usize,
+        rows: usize,
+        first: usize,
+        tokens: usize,
+        gelu_rows: usize,
+        #[comptime] tile: usize,
+        #[comptime] add_residual: bool,
+    ) {
+        #[unroll]
+        for t in 0..tile {
+            let token = first + t;
+            if token < tokens {
+                let mut y = acc[t] + bias[row];
+                if row < gelu_rows {
+                    y = gelu_tanh(y);
+                }
+                if add_residual {
+                    y += residual[token * residual.stride(0) + row * residual.stride(1)];
+                }
+                out[token * rows + row] = y;
+            }
         }
     }
 
-    /// One thread per output value, looping over its weight row word by word. Needs nothing
-    /// beyond core WebGPU.
+    /// One thread per output row and group of `tile` tokens, looping over the row block by
+    /// block: a prefill reads and unpacks each weight word once per group instead of once per
+    /// token. Needs nothing beyond core WebGPU. `x` has unit column stride.
     #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)] // the matmul's operands, shape and epilogue
     pub fn q4_matmul_kernel<F: Float>(
         x: &Tensor<f32>,
         codes: &[u32],
         scales: &[u32],
         bias: &[f32],
+        residual: &Tensor<f32>,
         out: &mut [f32],
         cols: usize,
         rows: usize,
         tokens: usize,
-        #[comptime] gelu: bool,
+        gelu_rows: usize,
+        #[comptime] tile: usize,
+        #[comptime] add_residual: bool,
     ) {
         let index = ABSOLUTE_POS;
-        if index < rows * tokens {
-            let token = index / rows;
+        if index < rows * tokens.div_ceil(tile) {
             let row = index % rows;
-            let words_per_row = cols.div_ceil(32) * 4;
-            let mut acc = f32::new(0.0);
-            let mut word = 0usize;
-            while word < words_per_row {
-                let packed = codes[row * words_per_row + word];
-                let block = row * (words_per_row / 4) + word / 4;
-                acc += word_dot::<F>(x, token * x.stride(0), packed, word, cols)
-                    * block_scale(scales, block);
-                word += 1;
+            let first = (index / rows) * tile;
+            let mut acc = Array::<f32>::new(tile);
+            #[unroll]
+            for t in 0..tile {
+                acc[t] = f32::new(0.0);
             }
-            out[index] = finish(acc, bias[row], gelu);
+            let whole_blocks = cols / 32;
+            for block in 0..whole_blocks {
+                add_block::<F>(
+                    x, codes, scales, row, block, first, tokens, cols, &mut acc, tile, false,
+                );
+            }
+            for block in whole_blocks..cols.div_ceil(32) {
+                add_block::<F>(
+                    x, codes, scales, row, block, first, tokens, cols, &mut acc, tile, true,
+                );
+            }
+            finish(
+                &acc,
+                bias,
+                residual,
+                out,
+                row,
+                rows,
+                first,
+                tokens,
+                gelu_rows,
+                tile,
+                add_residual,
+            );
         }
     }
 
-    /// One subgroup (plane) per output value: its lanes stride over the row's words, so
-    /// neighbouring lanes read neighbouring words, and `plane_sum` adds their parts. Correct for
-    /// any subgroup size: the plane's position and stride come from `PLANE_DIM` at run time.
-    /// `plane_sum` is reached by every invocation (WGSL requires uniform control flow there):
-    /// planes past the end run an empty loop and write nothing.
+    /// One subgroup (plane) per output row and group of `tile` tokens: its lanes stride over
+    /// the row's blocks, so neighbouring lanes read neighbouring 16-byte blocks, and
+    /// `plane_sum` adds their parts. Correct for any subgroup size: the plane's position and
+    /// stride come from `PLANE_DIM` at run time. `plane_sum` is reached by every invocation (WGSL requires
+    /// uniform control flow there): planes past the end run an empty loop and write nothing.
     #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)] // the matmul's operands, shape and epilogue
     pub fn q4_matmul_plane_kernel<F: Float>(
         x: &Tensor<f32>,
         codes: &[u32],
         scales: &[u32],
         bias: &[f32],
+        residual: &Tensor<f32>,
         out: &mut [f32],
         cols: usize,
         rows: usize,
         tokens: usize,
-        #[comptime] gelu: bool,
+        gelu_rows: usize,
+        #[comptime] tile: usize,
+        #[comptime] add_residual: bool,
     ) {
         let planes_per_cube = usize::cast_from(CUBE_DIM / PLANE_DIM);
         let plane = CUBE_POS * planes_per_cube + usize::cast_from(UNIT_POS / PLANE_DIM);
-        let valid = plane < rows * tokens;
+        let valid = plane < rows * tokens.div_ceil(tile);
         let index = select(valid, plane, 0usize);
-        let token = index / rows;
         let row = index % rows;
-        let words_per_row = cols.div_ceil(32) * 4;
-        let end = select(valid, words_per_row, 0usize);
-        let mut acc = f32::new(0.0);
-        let mut word = usize::cast_from(UNIT_POS_PLANE);
-        while word < end {
-            let packed = codes[row * words_per_row + word];
-            let block = row * (words_per_row / 4) + word / 4;
-            acc += word_dot::<F>(x, token * x.stride(0), packed, word, cols)
-                * block_scale(scales, block);
-            word += usize::cast_from(PLANE_DIM);
+        let first = (index / rows) * tile;
+        let end = select(valid, cols.div_ceil(32), 0usize);
+        let mut acc = Array::<f32>::new(tile);
+        #[unroll]
+        for t in 0..tile {
+            acc[t] = f32::new(0.0);
         }
-        let total = plane_sum(acc);
+        let mut block = usize::cast_from(UNIT_POS_PLANE);
+        while block < end {
+            add_block::<F>(
+                x, codes, scales, row, block, first, tokens, cols, &mut acc, tile, true,
+            );
+            block += usize::cast_from(PLANE_DIM);
+        }
+        #[unroll]
+        for t in 0..tile {
+            acc[t] = plane_sum(acc[t]);
+        }
         if valid && UNIT_POS_PLANE == 0 {
-            out[index] = finish(total, bias[row], gelu);
+            finish(
+                &acc,
+                bias,
+                residual,
+                out,
+                row,
+                rows,
+                first,
+                tokens,
+                gelu_rows,
+                tile,
+                add_residual,
+            );
         }
     }
 }
 
-/// What follows a matmul. On GPU backends it runs inside the matmul kernel (one launch instead
-/// of the handful burn's element-wise ops take).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    None,
-    /// GELU, tanh approximation (transformers' `gelu_new`, Phi's MLP activation).
-    GeluTanh,
+/// What follows `x·Wᵀ + b` in a matmul. On GPU backends it runs inside the matmul kernel (one
+/// launch instead of the handful burn's element-wise ops take).
+#[derive(Clone, Default)]
+pub struct Epilogue {
+    /// GELU (tanh approximation: transformers' `gelu_new`, Phi's MLP activation) on the first
+    /// this many outputs of each token.
+    pub gelu_outputs: usize,
+    /// Added last: a residual connection, `[tokens, outputs]`.
+    pub residual: Option<Tensor<2>>,
 }
 
-impl Activation {
+impl Epilogue {
     /// The same with burn's tensor ops.
-    pub fn apply(self, x: Tensor<2>) -> Tensor<2> {
-        match self {
-            Activation::None => x,
-            Activation::GeluTanh => burn::tensor::activation::gelu_approximate(x),
+    pub fn apply(self, y: Tensor<2>) -> Tensor<2> {
+        let [_, outputs] = y.dims();
+        let gelu = self.gelu_outputs.min(outputs);
+        let y = if gelu == 0 {
+            y
+        } else {
+            let activated =
+                burn::tensor::activation::gelu_approximate(y.clone().narrow(1, 0, gelu));
+            if gelu == outputs {
+                activated
+            } else {
+                Tensor::cat(vec![activated, y.narrow(1, gelu, outputs - gelu)], 1)
+            }
+        };
+        match self.residual {
+            Some(residual) => y + residual,
+            None => y,
         }
     }
 }
@@ -629,16 +826,15 @@ fn gpu_rows(
         client.empty(tokens * cols * 4),
         DType::F32,
     );
-    let len = |t: &CubeTensor| t.meta.shape().iter().product::<usize>();
     unsafe {
         shader::q4_rows_kernel::launch_unchecked(
             &client,
             grid((tokens * cols).div_ceil(WORKGROUP as usize)),
             CubeDim::new_1d(WORKGROUP),
-            BufferArg::from_raw_parts(ids.handle.clone(), tokens),
-            BufferArg::from_raw_parts(codes.handle.clone(), len(&codes)),
-            BufferArg::from_raw_parts(scales.handle.clone(), len(&scales)),
-            BufferArg::from_raw_parts(out.handle.clone(), tokens * cols),
+            buffer(&ids),
+            buffer(&codes),
+            buffer(&scales),
+            buffer(&out),
             cols,
             tokens,
         );
@@ -646,77 +842,37 @@ fn gpu_rows(
     Tensor::from_primitive::<Cube>(out)
 }
 
-/// `x: [count, heads·head_dim]` (a projection's output) as `[heads, count, head_dim]`, its first
-/// `rot` dims per head rotated for positions `start..` with the `[positions, rot]` tables: one
-/// launch for what burn's ops do in about twenty (narrow, neg, cat, mul, add, swap).
-#[allow(clippy::too_many_arguments)] // the shape of one attention projection
-pub fn heads_rotary(
-    x: Tensor<2>,
-    cos: &Tensor<2>,
-    sin: &Tensor<2>,
-    heads: usize,
-    rot: usize,
-    start: usize,
-) -> Tensor<3> {
-    let [count, hidden] = x.dims();
-    let head_dim = hidden / heads;
-    let x = cube(x);
-    let (cos, sin) = (cube(cos.clone()), cube(sin.clone()));
-    let client = x.client.clone();
-    let len = count * hidden;
-    let out = CubeTensor::new_contiguous(
-        client.clone(),
-        x.device.clone(),
-        Shape::new([heads, count, head_dim]),
-        client.empty(len * 4),
-        DType::F32,
-    );
-    let table_len = cos.meta.shape().iter().product::<usize>();
-    unsafe {
-        shader::heads_rotary_kernel::launch_unchecked(
-            &client,
-            grid(len.div_ceil(WORKGROUP as usize)),
-            CubeDim::new_1d(WORKGROUP),
-            x.into_tensor_arg(),
-            BufferArg::from_raw_parts(cos.handle.clone(), table_len),
-            BufferArg::from_raw_parts(sin.handle.clone(), table_len),
-            BufferArg::from_raw_parts(out.handle.clone(), len),
-            count,
-            heads,
-            head_dim,
-            rot,
-            start,
-        );
-    }
-    Tensor::from_primitive::<Cube>(out)
-}
-
-/// Causal attention of `q: [heads, count, head_dim]` (positions `start..start + count`) over
-/// `keys`/`values: [heads, total, head_dim]` (any strides: views of the KV cache), scaled by
-/// `scale`, giving `[count, heads·head_dim]`: three launches (scores, softmax, weighted sum)
-/// for what burn's ops do in about twelve (matmuls, scale, mask, softmax, merging the heads).
+/// One layer's causal attention for `count` new tokens at positions `start..`, in two launches
+/// (scores with the rotary embedding, then softmax and values) for what burn's ops do in about
+/// forty. Row `t` of `inner: [count, stride]` holds token `t`'s queries, keys and values side by
+/// side from column `q_at` (`[q | k | v]`, each `heads·head_dim` wide). The keys (rotated with
+/// the `[positions, rot]` tables) and values are written into the layer's cache `keys`/`values:
+/// [heads, capacity, head_dim]` at `start..`, and the attention output, heads merged, replaces
+/// the queries in `inner`, which is returned.
 pub fn attention(
-    q: Tensor<3>,
-    keys: Tensor<3>,
-    values: Tensor<3>,
+    inner: Tensor<2>,
+    q_at: usize,
+    keys: &Tensor<3>,
+    values: &Tensor<3>,
+    rotary: [&Tensor<2>; 2],
     start: usize,
     scale: f32,
 ) -> Tensor<2> {
-    let [heads, count, head_dim] = q.dims();
-    let total = keys.dims()[1];
-    let (q, keys, values) = (cube(q), cube(keys), cube(values));
-    let client = q.client.clone();
-    let device = q.device.clone();
+    let [count, stride] = inner.dims();
+    let [heads, capacity, head_dim] = keys.dims();
+    let rot = rotary[0].dims()[1];
+    let inner = cube(inner);
+    assert!(
+        inner.meta.strides()[..] == [stride, 1],
+        "attention: the activations must be contiguous"
+    );
+    let [cos, sin] = rotary.map(|t| cube(t.clone()));
+    let (keys, values) = (cube(keys.clone()), cube(values.clone()));
+    let client = inner.client.clone();
+    let total = start + count;
     let scores_len = heads * count * total;
     let scores = client.empty(scores_len * 4);
     let out_len = count * heads * head_dim;
-    let out = CubeTensor::new_contiguous(
-        client.clone(),
-        device,
-        Shape::new([count, heads * head_dim]),
-        client.empty(out_len * 4),
-        DType::F32,
-    );
     let dim = CubeDim::new_1d(WORKGROUP);
     let cubes = |n: usize| grid(n.div_ceil(WORKGROUP as usize));
     unsafe {
@@ -724,39 +880,39 @@ pub fn attention(
             &client,
             cubes(scores_len),
             dim,
-            q.into_tensor_arg(),
-            keys.into_tensor_arg(),
+            buffer(&inner),
+            buffer(&cos),
+            buffer(&sin),
+            buffer(&keys),
+            buffer(&values),
             BufferArg::from_raw_parts(scores.clone(), scores_len),
+            stride,
+            q_at,
             heads,
+            head_dim,
+            rot,
             count,
-            total,
             start,
+            capacity,
             scale,
-        );
-        shader::attention_softmax_kernel::launch_unchecked(
-            &client,
-            cubes(heads * count),
-            dim,
-            BufferArg::from_raw_parts(scores.clone(), scores_len),
-            heads * count,
-            count,
-            total,
-            start,
         );
         shader::attention_values_kernel::launch_unchecked(
             &client,
             cubes(out_len),
             dim,
             BufferArg::from_raw_parts(scores, scores_len),
-            values.into_tensor_arg(),
-            BufferArg::from_raw_parts(out.handle.clone(), out_len),
+            buffer(&values),
+            buffer(&inner),
+            stride,
+            q_at,
             heads,
+            head_dim,
             count,
-            total,
             start,
+            capacity,
         );
     }
-    Tensor::from_primitive::<Cube>(out)
+    Tensor::from_primitive::<Cube>(inner)
 }
 
 /// LayerNorm over the last dimension of `x: [rows, cols]`: one launch for what burn's ops do
@@ -780,9 +936,9 @@ pub fn layer_norm(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) 
             grid(rows),
             CubeDim::new_1d(THREADS),
             x.into_tensor_arg(),
-            BufferArg::from_raw_parts(weight.handle.clone(), cols),
-            BufferArg::from_raw_parts(bias.handle.clone(), cols),
-            BufferArg::from_raw_parts(out.handle.clone(), rows * cols),
+            buffer(&weight),
+            buffer(&bias),
+            buffer(&out),
             rows,
             cols,
             eps as f32,
@@ -816,12 +972,20 @@ pub fn copy_words(words: &Tensor<1, Int>) -> Tensor<1, Int> {
             &client,
             grid(len.div_ceil(WORKGROUP as usize)),
             CubeDim::new_1d(WORKGROUP),
-            BufferArg::from_raw_parts(input.handle.clone(), len),
-            BufferArg::from_raw_parts(output.handle.clone(), len),
+            buffer(&input),
+            buffer(&output),
             len,
         );
     }
     Tensor::from_primitive::<Cube>(output)
+}
+
+/// A contiguous tensor's elements as a kernel's buffer argument.
+fn buffer(t: &CubeTensor) -> BufferArg {
+    assert!(t.is_contiguous(), "kernel buffers are contiguous");
+    let len = t.meta.shape().iter().product::<usize>();
+    // Safety: a contiguous tensor's buffer holds at least its `len` elements.
+    unsafe { BufferArg::from_raw_parts(t.handle.clone(), len) }
 }
 
 /// The cubecl tensor behind a tensor on a GPU device.
@@ -842,40 +1006,44 @@ fn gpu_matmul(
     bias: &Tensor<1>,
     rows: usize,
     cols: usize,
-    then: Activation,
+    then: Epilogue,
     plan: KernelPlan,
 ) -> Tensor<2> {
     let [tokens, _] = x.dims();
     debug_assert_eq!(x.dims()[1], cols);
     let x = cube(x);
-    let (codes, scales, bias) = (
-        cube(codes.clone()),
-        cube(scales.clone()),
-        cube(bias.clone()),
-    );
+    assert_eq!(x.meta.strides()[1], 1, "matmul: x needs unit column stride");
+    let residual = then.residual.map(cube);
+    let [codes, scales] = [codes, scales].map(|t| cube(t.clone()));
+    let bias = cube(bias.clone());
     let client = x.client.clone();
-    let handle = client.empty(tokens * rows * 4);
+    let outputs = rows * tokens;
     let out = CubeTensor::new_contiguous(
         client.clone(),
         x.device.clone(),
         Shape::new([tokens, rows]),
-        handle,
+        client.empty(outputs * 4),
         DType::F32,
     );
-    let len = |t: &CubeTensor| t.meta.shape().iter().product::<usize>();
-    let (code_len, scale_len, bias_len) = (len(&codes), len(&scales), len(&bias));
-    let outputs = rows * tokens;
+    // A prefill reuses each weight word across a group of tokens; decoding has one.
+    let tile = if tokens > 1 { PREFILL_TILE } else { 1 };
+    let groups = rows * tokens.div_ceil(tile);
     let (count, dim) = if plan.subgroups {
-        // Enough planes for every output even with the largest subgroup the adapter reports.
+        // Enough planes for every group even with the largest subgroup the adapter reports.
         let plane_max = client.properties().hardware.plane_size_max.max(1);
         let threads = WORKGROUP.max(plane_max);
         let planes = (threads / plane_max) as usize;
-        (outputs.div_ceil(planes), threads)
+        (groups.div_ceil(planes), threads)
     } else {
-        (outputs.div_ceil(WORKGROUP as usize), WORKGROUP)
+        (groups.div_ceil(WORKGROUP as usize), WORKGROUP)
     };
     let count = grid(count);
     let dim = CubeDim::new_1d(dim);
+    // Without a residual the kernel never reads that binding: `x` stands in.
+    let residual_arg = residual
+        .clone()
+        .unwrap_or_else(|| x.clone())
+        .into_tensor_arg();
     macro_rules! launch {
         ($kernel:ident, $float:ty) => {
             unsafe {
@@ -884,14 +1052,17 @@ fn gpu_matmul(
                     count,
                     dim,
                     x.into_tensor_arg(),
-                    BufferArg::from_raw_parts(codes.handle.clone(), code_len),
-                    BufferArg::from_raw_parts(scales.handle.clone(), scale_len),
-                    BufferArg::from_raw_parts(bias.handle.clone(), bias_len),
-                    BufferArg::from_raw_parts(out.handle.clone(), outputs),
+                    buffer(&codes),
+                    buffer(&scales),
+                    buffer(&bias),
+                    residual_arg,
+                    buffer(&out),
                     cols,
                     rows,
                     tokens,
-                    then == Activation::GeluTanh,
+                    then.gelu_outputs,
+                    tile,
+                    residual.is_some(),
                 )
             }
         };

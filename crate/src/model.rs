@@ -3,12 +3,19 @@
 //! One decoder layer: `h = h + dense(attn(ln(h))) + fc2(gelu_tanh(fc1(ln(h))))` — attention and
 //! MLP in parallel on one shared LayerNorm. Rotary embedding on the first `rotary_dim` dims of each
 //! head, rotate-half style. Batch size is 1: hidden states are `[tokens, hidden]`.
+//!
+//! Because attention and MLP read the same input and their outputs are summed, a layer runs as
+//! two matmuls instead of six: `fan_out` computes `[fc1 | q | k | v]` of the normed input at
+//! once, attention replaces `q` with its output, and `fan_in` multiplies `[gelu(fc1) | attn]`
+//! by `[fc2 | dense]` and adds the residual. On a GPU a decoded token takes five launches per
+//! layer (LayerNorm, `fan_out`, two attention kernels, `fan_in`).
 
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{s, Device, Int, Tensor, TensorData};
 
 use crate::config::PhiConfig;
-use crate::kernels::{Activation, Q4Weight};
+use crate::kernels::{Epilogue, Q4Weight};
+use crate::quant::PLACEMENT_COLS;
 use crate::weights::safetensors::Weights;
 use crate::weights::{LayerParam, Slot};
 
@@ -30,14 +37,65 @@ pub enum Linear {
 }
 
 impl Linear {
-    /// `then(x·W + b)`; a 4-bit layer on a GPU runs it as one kernel.
-    fn forward(&self, x: Tensor<2>, then: Activation) -> Tensor<2> {
+    /// `x·W + b`, then `then`; a 4-bit layer on a GPU runs it all as one kernel.
+    fn forward(&self, x: Tensor<2>, then: Epilogue) -> Tensor<2> {
         match self {
             Linear::Dense { weight, bias } => {
                 then.apply(x.matmul(weight.clone()) + bias.clone().unsqueeze::<2>())
             }
             Linear::Q4 { weight, bias } => weight.matmul(x, bias, then),
         }
+    }
+
+    /// `[outputs, inputs]`.
+    fn shape(&self) -> [usize; 2] {
+        match self {
+            Linear::Dense { weight, .. } => {
+                let [inputs, outputs] = weight.dims();
+                [outputs, inputs]
+            }
+            Linear::Q4 { weight, .. } => weight.shape(),
+        }
+    }
+
+    /// One layer of `outputs × inputs` made of `parts`, each at `(output, input)` offsets,
+    /// zeros elsewhere; the biases of parts sharing outputs add up. Parts side by side along
+    /// the outputs compute their layers at once; parts side by side along the inputs sum
+    /// their layers over the inputs laid side by side the same way. 4-bit when every part is
+    /// (input offsets then on [`PLACEMENT_COLS`] boundaries), f32 otherwise.
+    fn assemble(
+        outputs: usize,
+        inputs: usize,
+        parts: Vec<(Linear, usize, usize)>,
+        device: &Device,
+    ) -> Linear {
+        let mut bias = Tensor::<1>::zeros([outputs], device);
+        let mut q4_parts = Vec::new();
+        let mut dense_parts = Vec::new();
+        for (part, row, col) in parts {
+            let [rows, _] = part.shape();
+            let (Linear::Dense { bias: b, .. } | Linear::Q4 { bias: b, .. }) = &part;
+            let sum = bias.clone().narrow(0, row, rows) + b.clone();
+            bias = bias.slice_assign(s![row..row + rows], sum);
+            match part {
+                Linear::Q4 { weight, .. } => q4_parts.push((weight, row, col)),
+                Linear::Dense { weight, .. } => dense_parts.push((weight, row, col)),
+            }
+        }
+        if dense_parts.is_empty() {
+            let weight = Q4Weight::assemble(outputs, inputs, q4_parts);
+            return Linear::Q4 { weight, bias };
+        }
+        // A checkpoint may mix 4-bit and f32 tensors (a GGUF file's k-quants are read as f32).
+        let dequantized = q4_parts
+            .into_iter()
+            .map(|(weight, row, col)| (weight.to_dense(device), row, col));
+        let mut weight = Tensor::<2>::zeros([inputs, outputs], device);
+        for (part, row, col) in dense_parts.into_iter().chain(dequantized) {
+            let [part_inputs, part_outputs] = part.dims();
+            weight = weight.slice_assign([col..col + part_inputs, row..row + part_outputs], part);
+        }
+        Linear::Dense { weight, bias }
     }
 }
 
@@ -82,12 +140,10 @@ impl LayerNorm {
 
 struct DecoderLayer {
     norm: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    dense: Linear,
-    fc1: Linear,
-    fc2: Linear,
+    /// `[fc1 | 0 | q | k | v]` (see [`Phi::mlp_width`]), GELU on the MLP part.
+    fan_out: Linear,
+    /// `[fc2 | 0 | dense]` over `[gelu(fc1) | 0 | attention]`.
+    fan_in: Linear,
 }
 
 /// Rotary tables for every position, `[max_positions, rotary_dim]`, computed the way
@@ -126,13 +182,9 @@ impl Rotary {
     }
 
     /// A projection's output `[tokens, heads·head_dim]` as `[heads, tokens, head_dim]`, rotated
-    /// (when `rotate`) for positions `start..start + tokens`. GPU backends run it as one
-    /// kernel; burn's CPU backend, which runs no custom kernels, composes it from tensor ops.
+    /// (when `rotate`) for positions `start..start + tokens`, with tensor ops (burn's CPU
+    /// backend; GPU backends rotate inside the attention kernel).
     fn split_heads(&self, x: Tensor<2>, heads: usize, start: usize, rotate: bool) -> Tensor<3> {
-        let rot = if rotate { self.dim } else { 0 };
-        if !crate::kernels::is_cpu(&x.device()) {
-            return crate::kernels::heads_rotary(x, &self.cos, &self.sin, heads, rot, start);
-        }
         let [count, hidden] = x.dims();
         let split = x.reshape([count, heads, hidden / heads]).swap_dims(0, 1);
         if rotate {
@@ -216,6 +268,9 @@ impl KvCache {
 
 pub struct Phi {
     config: PhiConfig,
+    /// Columns of the MLP's part of a layer's activations: `intermediate_size` rounded up to
+    /// whole [`PLACEMENT_COLS`], so the attention part after it can share 4-bit blocks' rows.
+    mlp_width: usize,
     device: Device,
     embedding: Embedding,
     layers: Vec<DecoderLayer>,
@@ -228,26 +283,36 @@ impl Phi {
     pub fn from_weights(mut weights: Weights, device: &Device) -> Self {
         let config = weights.config.clone();
         let eps = config.layer_norm_eps;
+        let hidden = config.hidden_size;
+        let mlp_width = config.intermediate_size.next_multiple_of(PLACEMENT_COLS);
         let layers = (0..config.num_hidden_layers)
             .map(|n| {
                 let p = |param| Slot::Layer(n, param);
                 use LayerParam::*;
+                let mut take = |weight, bias| weights.take_linear(p(weight), p(bias));
+                let fan_out = vec![
+                    (take(Fc1Weight, Fc1Bias), 0, 0),
+                    (take(QWeight, QBias), mlp_width, 0),
+                    (take(KWeight, KBias), mlp_width + hidden, 0),
+                    (take(VWeight, VBias), mlp_width + 2 * hidden, 0),
+                ];
+                let fan_in = vec![
+                    (take(Fc2Weight, Fc2Bias), 0, 0),
+                    (take(DenseWeight, DenseBias), 0, mlp_width),
+                ];
                 DecoderLayer {
                     norm: LayerNorm {
                         weight: weights.take(p(NormWeight)),
                         bias: weights.take(p(NormBias)),
                         eps,
                     },
-                    q: weights.take_linear(p(QWeight), p(QBias)),
-                    k: weights.take_linear(p(KWeight), p(KBias)),
-                    v: weights.take_linear(p(VWeight), p(VBias)),
-                    dense: weights.take_linear(p(DenseWeight), p(DenseBias)),
-                    fc1: weights.take_linear(p(Fc1Weight), p(Fc1Bias)),
-                    fc2: weights.take_linear(p(Fc2Weight), p(Fc2Bias)),
+                    fan_out: Linear::assemble(mlp_width + 3 * hidden, hidden, fan_out, device),
+                    fan_in: Linear::assemble(hidden, mlp_width + hidden, fan_in, device),
                 }
             })
             .collect();
         Phi {
+            mlp_width,
             embedding: weights.take_embedding(),
             layers,
             final_norm: LayerNorm {
@@ -306,18 +371,27 @@ impl Phi {
         // The GPU attention kernels skip masked positions; only the CPU path adds a mask.
         let mask = (count > 1 && crate::kernels::is_cpu(&self.device))
             .then(|| self.causal_mask(start, count));
+        let attention_width = self.mlp_width + self.config.hidden_size;
         for (index, layer) in self.layers.iter().enumerate() {
             let x = layer.norm.forward(hidden.clone());
-            let attention = self.attention(layer, x.clone(), start, index, cache, mask.clone());
-            let mlp = layer
-                .fc2
-                .forward(layer.fc1.forward(x, Activation::GeluTanh), Activation::None);
-            hidden = hidden + attention + mlp;
+            let mlp = Epilogue {
+                gelu_outputs: self.mlp_width,
+                residual: None,
+            };
+            let inner = layer.fan_out.forward(x, mlp);
+            let inner = self.attention(inner, start, index, cache, mask.clone());
+            let residual = Epilogue {
+                gelu_outputs: 0,
+                residual: Some(hidden),
+            };
+            hidden = layer
+                .fan_in
+                .forward(inner.narrow(1, 0, attention_width), residual);
         }
         cache.len = start + count;
         let last = hidden.narrow(0, count - 1, 1);
         self.lm_head
-            .forward(self.final_norm.forward(last), Activation::None)
+            .forward(self.final_norm.forward(last), Epilogue::default())
     }
 
     /// `[1, tokens, start + tokens]`: 0 where a token may attend, `MASKED` after it.
@@ -329,38 +403,55 @@ impl Phi {
         Tensor::from_data(TensorData::new(values, [1, count, total]), &self.device)
     }
 
+    /// Attention of the new tokens: their `[q | k | v]` are the columns from `mlp_width` of
+    /// `inner` (`fan_out`'s output); the result, heads merged, replaces `q` there.
     fn attention(
         &self,
-        layer: &DecoderLayer,
-        x: Tensor<2>,
+        inner: Tensor<2>,
         start: usize,
         index: usize,
         cache: &mut KvCache,
         mask: Option<Tensor<3>>,
     ) -> Tensor<2> {
-        let [count, hidden] = x.dims();
+        let [count, _] = inner.dims();
+        let hidden = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.head_dim();
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let q_at = self.mlp_width;
+        if !crate::kernels::is_cpu(&self.device) {
+            let slot = |slot: &Option<Tensor<3>>| {
+                slot.clone()
+                    .expect("cache slot is always filled between calls")
+            };
+            let (keys, values) = (slot(&cache.keys[index]), slot(&cache.values[index]));
+            let rotary = [&self.rotary.cos, &self.rotary.sin];
+            return crate::kernels::attention(
+                inner,
+                q_at,
+                &keys,
+                &values,
+                rotary,
+                start,
+                scale as f32,
+            );
+        }
+        let part = |n: usize| inner.clone().narrow(1, q_at + n * hidden, hidden);
         // Each [heads, count, head_dim].
         let split = |t: Tensor<2>, rotate| self.rotary.split_heads(t, heads, start, rotate);
-        let project = |linear: &Linear, x| linear.forward(x, Activation::None);
-        let q = split(project(&layer.q, x.clone()), true);
-        let k = split(project(&layer.k, x.clone()), true);
-        let v = split(project(&layer.v, x), false);
+        let q = split(part(0), true);
+        let k = split(part(1), true);
+        let v = split(part(2), false);
         let (keys, values) = cache.append(index, start, k, v);
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let merged = if crate::kernels::is_cpu(&self.device) {
-            let mut scores = q.matmul(keys.swap_dims(1, 2)) * scale; // [heads, count, total]
-            if let Some(mask) = mask {
-                scores = scores + mask;
-            }
-            let probs = softmax(scores, 2);
-            let out = probs.matmul(values); // [heads, count, head_dim]
-            out.swap_dims(0, 1).reshape([count, hidden])
-        } else {
-            // One pass of kernels that skip masked positions instead of adding a mask.
-            crate::kernels::attention(q, keys, values, start, scale as f32)
-        };
-        layer.dense.forward(merged, Activation::None)
+        let mut scores = q.matmul(keys.swap_dims(1, 2)) * scale; // [heads, count, total]
+        if let Some(mask) = mask {
+            scores = scores + mask;
+        }
+        let probs = softmax(scores, 2);
+        let merged = probs
+            .matmul(values) // [heads, count, head_dim]
+            .swap_dims(0, 1)
+            .reshape([count, hidden]);
+        inner.slice_assign([0..count, q_at..q_at + hidden], merged)
     }
 }

@@ -27,6 +27,41 @@ pub fn padded_cols(cols: usize) -> usize {
     cols.div_ceil(BLOCK) * BLOCK
 }
 
+/// Scale words per row in the kernels' layout ([`Q4Matrix::row_scale_words`]).
+pub fn scale_words_per_row(cols: usize) -> usize {
+    (padded_cols(cols) / BLOCK).div_ceil(2)
+}
+
+/// Where a part placed into a bigger matrix may start along a row: two blocks, one scale word.
+pub const PLACEMENT_COLS: usize = 2 * BLOCK;
+
+/// Panics unless a `part_rows × part_cols` part fits at `(row, col)` of a `rows × cols`
+/// matrix on a placement boundary (the model computes these offsets; a miss is a bug).
+pub fn check_placement(
+    part_rows: usize,
+    part_cols: usize,
+    row: usize,
+    col: usize,
+    rows: usize,
+    cols: usize,
+) {
+    assert!(
+        col.is_multiple_of(PLACEMENT_COLS) && row + part_rows <= rows && col + part_cols <= cols,
+        "a {part_rows}x{part_cols} part does not fit at ({row}, {col}) of {rows}x{cols}"
+    );
+}
+
+fn pack_halves(scales: &[f16]) -> Vec<u32> {
+    scales
+        .chunks(2)
+        .map(|pair| {
+            let low = pair[0].to_bits() as u32;
+            let high = pair.get(1).map_or(0, |h| h.to_bits() as u32);
+            low | (high << 16)
+        })
+        .collect()
+}
+
 impl Q4Matrix {
     pub fn blocks_per_row(&self) -> usize {
         padded_cols(self.cols) / BLOCK
@@ -114,16 +149,48 @@ impl Q4Matrix {
             .collect()
     }
 
-    /// Scales as u32 words, two f16 each (low half first), padded with a zero half.
+    /// Scales as u32 words, two f16 each (low half first), padded with a zero half: the
+    /// bundle file's layout.
     pub fn scale_words(&self) -> Vec<u32> {
+        pack_halves(&self.scales)
+    }
+
+    /// Scales as the kernels read them: two f16 per u32 word like [`Self::scale_words`], but
+    /// each row starting on a word of its own (`scale_words_per_row` words), so that matrices
+    /// can be placed side by side on the device by copying whole words.
+    pub fn row_scale_words(&self) -> Vec<u32> {
         self.scales
-            .chunks(2)
-            .map(|pair| {
-                let low = pair[0].to_bits() as u32;
-                let high = pair.get(1).map_or(0, |h| h.to_bits() as u32);
-                low | (high << 16)
-            })
+            .chunks(self.blocks_per_row().max(1))
+            .flat_map(pack_halves)
             .collect()
+    }
+
+    /// A `rows × cols` matrix holding `parts` at `(row, col)` each and zeros elsewhere (zero
+    /// scales, so any code there is worth 0). A part's `col` must be a multiple of
+    /// [`PLACEMENT_COLS`], so that its blocks and scale words stay whole.
+    pub fn assemble(rows: usize, cols: usize, parts: &[(&Q4Matrix, usize, usize)]) -> Q4Matrix {
+        let words = padded_cols(cols) / 8;
+        let blocks = padded_cols(cols) / BLOCK;
+        let mut codes = vec![0u32; rows * words];
+        let mut scales = vec![f16::ZERO; rows * blocks];
+        for &(part, row, col) in parts {
+            check_placement(part.rows, part.cols, row, col, rows, cols);
+            let (part_words, part_blocks) = (part.blocks_per_row() * 4, part.blocks_per_row());
+            for r in 0..part.rows {
+                let to = (row + r) * words + col / 8;
+                codes[to..to + part_words]
+                    .copy_from_slice(&part.codes[r * part_words..(r + 1) * part_words]);
+                let to = (row + r) * blocks + col / BLOCK;
+                scales[to..to + part_blocks]
+                    .copy_from_slice(&part.scales[r * part_blocks..(r + 1) * part_blocks]);
+            }
+        }
+        Q4Matrix {
+            rows,
+            cols,
+            codes,
+            scales,
+        }
     }
 
     /// `y = x · Wᵀ` for `x: [n, cols]` on the CPU, accumulating per block like the kernels.

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{fixture, max_abs_diff, reference, Scratch, BACKENDS};
-use phi2_web::kernels::{describe_device, is_cpu, Activation, KernelPlan, Q4Weight};
+use phi2_web::kernels::{describe_device, is_cpu, Epilogue, KernelPlan, Q4Weight};
 use phi2_web::quant::Q4Matrix;
 use phi2_web::weights::bundle::{decode, ChunkStream, Manifest, TensorBytes, MANIFEST};
 use phi2_web::weights::convert::convert_hf;
@@ -71,15 +71,44 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
                 burn::tensor::TensorData::new(bias, [rows]),
                 &device,
             );
-            // The activation inside the kernel, against transformers' gelu_new formula.
+            // The epilogue inside the kernel: GELU on the first outputs (against transformers'
+            // gelu_new formula), then a residual.
             let gelu = |v: f32| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh());
-            let expected_gelu: Vec<f32> = expected.iter().map(|&v| gelu(v)).collect();
+            let residual = pseudo_random(tokens * rows, 5);
+            let epilogue = |gelu_outputs: usize, add_residual: bool| {
+                let expected: Vec<f32> = (0..tokens * rows)
+                    .map(|i| {
+                        let v = expected[i];
+                        let v = if i % rows < gelu_outputs { gelu(v) } else { v };
+                        v + if add_residual { residual[i] } else { 0.0 }
+                    })
+                    .collect();
+                let residual = add_residual.then(|| {
+                    burn::tensor::Tensor::<2>::from_data(
+                        burn::tensor::TensorData::new(residual.clone(), [tokens, rows]),
+                        &device,
+                    )
+                });
+                let then = Epilogue {
+                    gelu_outputs,
+                    residual,
+                };
+                (then, expected)
+            };
+            let cases = [
+                epilogue(0, false),
+                epilogue(rows, false),
+                epilogue(rows / 2 + 1, true),
+            ];
             let plans = plans_to_test(&device);
             for plan in &plans {
-                for (then, expected) in [
-                    (Activation::None, &expected),
-                    (Activation::GeluTanh, &expected_gelu),
-                ] {
+                for (then, expected) in &cases {
+                    let label = format!(
+                        "gelu {} residual {}",
+                        then.gelu_outputs,
+                        then.residual.is_some()
+                    );
+                    let then = then.clone();
                     let y = match plan {
                         Some(plan) => weight.matmul_with(x.clone(), &bias, then, *plan),
                         None => weight.matmul(x.clone(), &bias, then),
@@ -98,11 +127,45 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
                     };
                     assert!(
                         diff < tolerance,
-                        "{backend:?} {plan:?} {then:?} {tokens}x{rows}x{cols}: {diff}"
+                        "{backend:?} {plan:?} {label} {tokens}x{rows}x{cols}: {diff}"
                     );
                 }
             }
         }
+    }
+}
+
+#[test]
+fn assembled_4bit_weights_hold_their_parts_and_zeros_elsewhere() {
+    // An odd number of blocks per row (70 columns: 3 blocks, the last scale word half empty),
+    // parts side by side along rows and along columns, and gaps between them.
+    let a = Q4Matrix::quantize(&pseudo_random(5 * 70, 1), 5, 70);
+    let b = Q4Matrix::quantize(&pseudo_random(3 * 40, 2), 3, 40);
+    let (rows, cols) = (9, 168);
+    let parts = [(&a, 0, 0), (&b, 1, 128), (&b, 6, 128)];
+    let mut expected = vec![0.0f32; rows * cols];
+    for (part, row, col) in parts {
+        for r in 0..part.rows {
+            for c in 0..part.cols {
+                expected[(row + r) * cols + col + c] = part.value(r, c);
+            }
+        }
+    }
+    let host = Q4Matrix::assemble(rows, cols, &parts);
+    assert_eq!(host.dequantize(), expected, "host");
+    for backend in BACKENDS {
+        let device = block_on(backend.device()).unwrap();
+        let uploaded = parts
+            .iter()
+            .map(|&(part, row, col)| (Q4Weight::upload(part.clone(), &device), row, col))
+            .collect();
+        let assembled = Q4Weight::assemble(rows, cols, uploaded);
+        let ids: Vec<u32> = (0..rows as u32).collect();
+        let got = block_on(assembled.rows_of(&ids, &device).into_data_async())
+            .unwrap()
+            .try_into_vec::<f32>()
+            .unwrap();
+        assert_eq!(got, expected, "{backend:?}");
     }
 }
 
