@@ -335,15 +335,16 @@ mod shader {
     /// side from column `q_at`. Keys of earlier tokens come from the cache `[heads, capacity,
     /// head_dim]`. New keys are rotated from `inner` by each thread that needs them, and the
     /// thread on the diagonal (`j = start + t`) writes them, and their values, into the cache:
-    /// no thread reads what another writes. One thread per score.
+    /// no thread reads what another writes. The cache holds `C` (f32, or f16 where allowed);
+    /// the arithmetic is f32. One thread per score.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)] // the layout of the activations and of the cache
-    pub fn attention_scores_kernel(
+    pub fn attention_scores_kernel<C: Float>(
         inner: &[f32],
         cos: &[f32],
         sin: &[f32],
-        keys: &mut [f32],
-        values: &mut [f32],
+        keys: &mut [C],
+        values: &mut [C],
         scores: &mut [f32],
         stride: usize,
         q_at: usize,
@@ -370,7 +371,7 @@ mod shader {
                     for d in 0..head_dim {
                         let q =
                             rotated(inner, cos, sin, q_row, q_at, h, d, head_dim, rot, start + t);
-                        dot += q * keys[cached + d];
+                        dot += q * f32::cast_from(keys[cached + d]);
                     }
                 } else {
                     let k_row = (j - start) * stride;
@@ -381,8 +382,9 @@ mod shader {
                         let key = rotated(inner, cos, sin, k_row, k_at, h, d, head_dim, rot, j);
                         dot += q * key;
                         if j == start + t {
-                            keys[cached + d] = key;
-                            values[cached + d] = inner[k_row + k_at + hidden + h * head_dim + d];
+                            keys[cached + d] = C::cast_from(key);
+                            values[cached + d] =
+                                C::cast_from(inner[k_row + k_at + hidden + h * head_dim + d]);
                         }
                     }
                 }
@@ -398,9 +400,9 @@ mod shader {
     /// One thread per value; each computes its row's maximum and sum itself.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)] // the layout of the activations and of the cache
-    pub fn attention_values_kernel(
+    pub fn attention_values_kernel<C: Float>(
         scores: &[f32],
-        values: &[f32],
+        values: &[C],
         inner: &mut [f32],
         stride: usize,
         out_at: usize,
@@ -426,7 +428,7 @@ mod shader {
             for j in 0..end {
                 let e = (scores[at + j] - max).exp();
                 sum += e;
-                acc += e * values[(h * capacity + j) * head_dim + d];
+                acc += e * f32::cast_from(values[(h * capacity + j) * head_dim + d]);
             }
             inner[t * stride + out_at + h * head_dim + d] = acc / sum;
         }
@@ -726,14 +728,24 @@ pub struct KernelPlan {
     pub f16: bool,
 }
 
-/// See [`allow_f16_products`].
-static F16_PRODUCTS: AtomicBool = AtomicBool::new(false);
+/// See [`allow_f16`].
+static F16: AtomicBool = AtomicBool::new(false);
 
-/// Lets weights uploaded from now on multiply in f16 where the adapter has shader-f16. Off by
-/// default: f16 products move logits by up to ~1e-2 and can change greedy tokens (they did on
-/// our random test model), and this project promises outputs that match the reference.
-pub fn allow_f16_products(allow: bool) {
-    F16_PRODUCTS.store(allow, Ordering::Relaxed);
+/// Lets weights uploaded from now on multiply in f16, and caches made from now on hold keys
+/// and values in f16, where the adapter has shader-f16 (attention itself still computes in
+/// f32). Off by default: f16 moves logits by up to ~1e-2 and can change greedy tokens (it did
+/// on our random test model), and this project promises outputs that match the reference.
+pub fn allow_f16(allow: bool) {
+    F16.store(allow, Ordering::Relaxed);
+}
+
+/// The element type of new KV caches on `device`: f16 where offered and allowed
+/// ([`allow_f16`]), f32 otherwise (and always on the CPU backend).
+pub fn kv_cache_dtype(device: &Device) -> DType {
+    match KernelPlan::best(device) {
+        Some(KernelPlan { f16: true, .. }) => DType::F16,
+        _ => DType::F32,
+    }
 }
 
 impl KernelPlan {
@@ -743,10 +755,10 @@ impl KernelPlan {
     };
 
     /// The plan new weights get on `device`: subgroups when offered, f16 when offered and
-    /// allowed ([`allow_f16_products`]). `None` on the CPU backend (no kernels).
+    /// allowed ([`allow_f16`]). `None` on the CPU backend (no kernels).
     pub fn best(device: &Device) -> Option<KernelPlan> {
         KernelPlan::offered(device).map(|plan| KernelPlan {
-            f16: plan.f16 && F16_PRODUCTS.load(Ordering::Relaxed),
+            f16: plan.f16 && F16.load(Ordering::Relaxed),
             ..plan
         })
     }
@@ -788,7 +800,7 @@ pub fn describe_device(device: &Device) -> String {
         (Some(offered), Some(used)) => {
             let props = client_of(device).properties().clone();
             format!(
-                "{} (subgroups: {}, sizes {}-{}; shader-f16: {}; f16 products: {})",
+                "{} (subgroups: {}, sizes {}-{}; shader-f16: {}; f16 products and KV cache: {})",
                 props.identity.name,
                 offered.subgroups,
                 props.hardware.plane_size_min,
@@ -848,7 +860,8 @@ fn gpu_rows(
 /// side from column `q_at` (`[q | k | v]`, each `heads·head_dim` wide). The keys (rotated with
 /// the `[positions, rot]` tables) and values are written into the layer's cache `keys`/`values:
 /// [heads, capacity, head_dim]` at `start..`, and the attention output, heads merged, replaces
-/// the queries in `inner`, which is returned.
+/// the queries in `inner`, which is returned. The cache may hold f32 or f16
+/// ([`kv_cache_dtype`]).
 pub fn attention(
     inner: Tensor<2>,
     q_at: usize,
@@ -875,42 +888,50 @@ pub fn attention(
     let out_len = count * heads * head_dim;
     let dim = CubeDim::new_1d(WORKGROUP);
     let cubes = |n: usize| grid(n.div_ceil(WORKGROUP as usize));
-    unsafe {
-        shader::attention_scores_kernel::launch_unchecked(
-            &client,
-            cubes(scores_len),
-            dim,
-            buffer(&inner),
-            buffer(&cos),
-            buffer(&sin),
-            buffer(&keys),
-            buffer(&values),
-            BufferArg::from_raw_parts(scores.clone(), scores_len),
-            stride,
-            q_at,
-            heads,
-            head_dim,
-            rot,
-            count,
-            start,
-            capacity,
-            scale,
-        );
-        shader::attention_values_kernel::launch_unchecked(
-            &client,
-            cubes(out_len),
-            dim,
-            BufferArg::from_raw_parts(scores, scores_len),
-            buffer(&values),
-            buffer(&inner),
-            stride,
-            q_at,
-            heads,
-            head_dim,
-            count,
-            start,
-            capacity,
-        );
+    macro_rules! launch {
+        ($cache:ty) => {
+            unsafe {
+                shader::attention_scores_kernel::launch_unchecked::<$cache>(
+                    &client,
+                    cubes(scores_len),
+                    dim,
+                    buffer(&inner),
+                    buffer(&cos),
+                    buffer(&sin),
+                    buffer(&keys),
+                    buffer(&values),
+                    BufferArg::from_raw_parts(scores.clone(), scores_len),
+                    stride,
+                    q_at,
+                    heads,
+                    head_dim,
+                    rot,
+                    count,
+                    start,
+                    capacity,
+                    scale,
+                );
+                shader::attention_values_kernel::launch_unchecked::<$cache>(
+                    &client,
+                    cubes(out_len),
+                    dim,
+                    BufferArg::from_raw_parts(scores, scores_len),
+                    buffer(&values),
+                    buffer(&inner),
+                    stride,
+                    q_at,
+                    heads,
+                    head_dim,
+                    count,
+                    start,
+                    capacity,
+                );
+            }
+        };
+    }
+    match keys.dtype {
+        DType::F16 => launch!(half::f16),
+        _ => launch!(f32),
     }
     Tensor::from_primitive::<Cube>(inner)
 }

@@ -235,6 +235,14 @@ impl KvCache {
         self.capacity
     }
 
+    /// The element type it holds (see [`crate::kernels::kv_cache_dtype`]).
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.keys
+            .first()
+            .and_then(|slot| slot.as_ref())
+            .map_or(burn::tensor::DType::F32, |keys| keys.dtype())
+    }
+
     /// Forgets everything after the first `len` tokens (the memory is reused).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -335,15 +343,17 @@ impl Phi {
         &self.device
     }
 
-    /// A cache for the whole context (`max_position_embeddings` tokens).
+    /// A cache for the whole context (`max_position_embeddings` tokens), in f32 or, where
+    /// allowed, f16 ([`crate::kernels::allow_f16`]).
     pub fn new_cache(&self) -> KvCache {
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.head_dim();
         let capacity = self.config.max_position_embeddings;
+        let dtype = crate::kernels::kv_cache_dtype(&self.device);
         let empty = || {
             Some(Tensor::<3>::zeros(
                 [heads, capacity, head_dim],
-                &self.device,
+                (&self.device, dtype),
             ))
         };
         let layers = self.config.num_hidden_layers;

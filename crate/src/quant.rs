@@ -258,6 +258,24 @@ mod tests {
     }
 
     #[test]
+    fn row_scale_words_start_each_row_on_a_word() {
+        // 70 columns: 3 blocks per row, so each row's last word has an empty high half.
+        let q = Q4Matrix::quantize(&pseudo_random(2 * 70, 4), 2, 70);
+        let words = q.row_scale_words();
+        assert_eq!(words.len(), 2 * scale_words_per_row(70));
+        let half = |i: usize| q.scales[i].to_bits() as u32;
+        assert_eq!(
+            words,
+            [
+                half(0) | half(1) << 16,
+                half(2),
+                half(3) | half(4) << 16,
+                half(5)
+            ]
+        );
+    }
+
+    #[test]
     fn scale_words_pack_two_halves() {
         let q = Q4Matrix::quantize(&pseudo_random(3 * 32, 9), 3, 32);
         let words = q.scale_words();

@@ -393,15 +393,15 @@ pub struct BundleLoading {
 #[wasm_bindgen]
 impl BundleLoading {
     /// Checks the manifest (`manifest_url` names it in errors) and acquires the device.
-    /// `f16_products`: see [`crate::kernels::allow_f16_products`] (default false).
+    /// `f16`: see [`crate::kernels::allow_f16`] (default false).
     pub async fn start(
         manifest: Vec<u8>,
         manifest_url: String,
         backend: Option<String>,
-        f16_products: Option<bool>,
+        f16: Option<bool>,
     ) -> std::result::Result<BundleLoading, JsValue> {
         console_error_panic_hook::set_once();
-        crate::kernels::allow_f16_products(f16_products.unwrap_or(false));
+        crate::kernels::allow_f16(f16.unwrap_or(false));
         let manifest = parse_manifest(&manifest, &manifest_url).map_err(js_error)?;
         let backend = parse_backend(backend).map_err(js_error)?;
         let device = backend.device().await.map_err(js_error)?;

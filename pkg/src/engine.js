@@ -189,12 +189,12 @@ export class Engine {
    * Loads the bundle at `url` (its folder or manifest URL, absolute). Options: `onProgress`,
    * `signal`, `cache` (default true), `backend` ('auto' | 'webgpu' | 'cpu'), `concurrency`,
    * `wasmUrl`, `stallTimeoutMs` (default 30 000: a download receiving nothing that long is retried),
-   * `f16Products` (default false: see the package README).
+   * `f16` (default false: see the package README).
    */
   static async load(url, options = {}) {
     const {
       onProgress = () => {}, signal: callerSignal, cache: useCache = true, backend = 'auto',
-      concurrency = DEFAULT_CONCURRENCY, wasmUrl, stallTimeoutMs: stallMs = STALL_MS, f16Products = false,
+      concurrency = DEFAULT_CONCURRENCY, wasmUrl, stallTimeoutMs: stallMs = STALL_MS, f16 = false,
     } = options;
     // Ends the downloads still running when the load fails (or the caller aborts it).
     const stopDownloads = new AbortController();
@@ -221,7 +221,7 @@ export class Engine {
     let loading;
     try {
       // The engine checks the manifest before anything else is fetched.
-      loading = await BundleLoading.start(manifestFile.bytes, href, chosen.backend, Boolean(f16Products));
+      loading = await BundleLoading.start(manifestFile.bytes, href, chosen.backend, Boolean(f16));
     } catch (error) {
       throw Phi2Error.from(error);
     }

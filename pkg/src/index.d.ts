@@ -65,10 +65,11 @@ export interface LoadOptions {
   /** A download that receives nothing for this long is abandoned and retried (default 30000). */
   stallTimeoutMs?: number;
   /**
-   * Let the 4-bit matmul multiply in f16 where the GPU has shader-f16 (default false): faster on
-   * some GPUs, but logits move by ~1e-2 and greedy tokens can differ from the reference.
+   * Use f16 where the GPU has shader-f16 (default false): the 4-bit matmul's products and the
+   * KV cache (half its memory). Faster on some GPUs and leaner, but logits move by ~1e-2 and
+   * greedy tokens can differ from the reference.
    */
-  f16Products?: boolean;
+  f16?: boolean;
 }
 
 export interface GenerateOptions {

@@ -160,7 +160,7 @@ export class Phi2 {
    * Loads the phi2-web bundle at `url` (its folder or its manifest.json, relative to the page).
    * Options: `onProgress(event)`, `signal`, `cache` (default true), `worker` (default true),
    * `backend` ('auto' (default: WebGPU, else the CPU), 'webgpu', 'cpu'), `concurrency`
-   * (parallel chunk downloads, default 3), `stallTimeoutMs` (default 30000), `f16Products`
+   * (parallel chunk downloads, default 3), `stallTimeoutMs` (default 30000), `f16`
    * (default false), `workerUrl` and `wasmUrl` (where the package's worker.js and wasm file are
    * served, when a bundler moved them).
    */

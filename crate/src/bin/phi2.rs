@@ -111,10 +111,10 @@ struct ModelArgs {
     /// Where to run: cpu or wgpu.
     #[arg(long, default_value = "wgpu")]
     backend: BackendKind,
-    /// Let the 4-bit matmul multiply in f16 where the GPU has shader-f16 (logits move by
-    /// ~1e-2; greedy tokens can change).
+    /// Use f16 where the GPU has shader-f16: the 4-bit matmul's products and the KV cache
+    /// (half its memory). Logits move by ~1e-2; greedy tokens can change.
     #[arg(long)]
-    f16_products: bool,
+    f16: bool,
 }
 
 #[derive(Args)]
@@ -187,7 +187,7 @@ fn main() -> ExitCode {
 }
 
 fn load(args: &ModelArgs) -> Result<(phi2_web::Phi, PhiTokenizer)> {
-    phi2_web::kernels::allow_f16_products(args.f16_products);
+    phi2_web::kernels::allow_f16(args.f16);
     let device = block_on(args.backend.device())?;
     load_dir(&args.model, &device)
 }
