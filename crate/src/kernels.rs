@@ -96,9 +96,24 @@ impl Q4Weight {
             return Q4Weight::Host(Arc::new(Q4Matrix::assemble(rows, cols, &host)));
         };
         let (device, plan) = (codes.device(), *plan);
-        let grid = |width| Tensor::<2, Int>::zeros([rows, width], (&device, DType::U32));
-        let (words, scale_words) = (padded_cols(cols) / 8, scale_words_per_row(cols));
-        let (mut all_codes, mut all_scales) = (grid(words), grid(scale_words));
+        // Zeros only when the parts leave gaps (Phi-2's leave none): filling a buffer that the
+        // parts then overwrite costs a pass over it, seconds on a CPU-emulated adapter.
+        let grid = |words_of: fn(usize) -> usize| {
+            let covered: usize = parts
+                .iter()
+                .map(|(part, _, _)| part.rows() * words_of(part.shape()[1]))
+                .sum();
+            let shape = [rows, words_of(cols)];
+            let options = (&device, DType::U32);
+            if covered == rows * words_of(cols) {
+                Tensor::<2, Int>::empty(shape, options)
+            } else {
+                Tensor::<2, Int>::zeros(shape, options)
+            }
+        };
+        let code_words = |cols| padded_cols(cols) / 8;
+        let (words, scale_words) = (code_words(cols), scale_words_per_row(cols));
+        let (mut all_codes, mut all_scales) = (grid(code_words), grid(scale_words_per_row));
         for (part, row, col) in parts {
             let Q4Weight::Device {
                 codes,
@@ -111,8 +126,7 @@ impl Q4Weight {
                 unreachable!("all parts come from one device")
             };
             check_placement(part_rows, part_cols, row, col, rows, cols);
-            let (part_words, part_scales) =
-                (padded_cols(part_cols) / 8, scale_words_per_row(part_cols));
+            let (part_words, part_scales) = (code_words(part_cols), scale_words_per_row(part_cols));
             let at = col / 8;
             all_codes = all_codes.slice_assign(
                 [row..row + part_rows, at..at + part_words],
@@ -622,8 +636,9 @@ mod shader {
     /// One subgroup (plane) per output row and group of `tile` tokens: its lanes stride over
     /// the row's blocks, so neighbouring lanes read neighbouring 16-byte blocks, and
     /// `plane_sum` adds their parts. Correct for any subgroup size: the plane's position and
-    /// stride come from `PLANE_DIM` at run time. `plane_sum` is reached by every invocation (WGSL requires
-    /// uniform control flow there): planes past the end run an empty loop and write nothing.
+    /// stride come from `PLANE_DIM` at run time. `plane_sum` is reached by every invocation
+    /// (WGSL requires uniform control flow there): planes past the end run an empty loop and
+    /// write nothing.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)] // the matmul's operands, shape and epilogue
     pub fn q4_matmul_plane_kernel<F: Float>(

@@ -213,13 +213,21 @@ impl Rotary {
     }
 }
 
-/// Keys and values of every layer, preallocated for the whole context and written in place.
+/// Keys and values of every layer, `[heads, allocated, head_dim]` each, written in place. A new
+/// cache has room for [`FIRST_ALLOCATION`] tokens and grows to the whole context once it needs
+/// more, so a short chat does not hold what Phi-2's 2048 tokens take (1.34 GB in f32; 0.17 GB
+/// for 256). One growth only: the device's allocator keeps freed memory for reuse rather than
+/// handing it back (cubecl's explicit cleanup blocks on the device, which wasm cannot do), so
+/// doubling step by step would leave every earlier size held.
 pub struct KvCache {
     keys: Vec<Option<Tensor<3>>>,
     values: Vec<Option<Tensor<3>>>,
     len: usize,
     capacity: usize,
 }
+
+/// Tokens a new cache has room for before it first grows.
+pub const FIRST_ALLOCATION: usize = 256;
 
 impl KvCache {
     /// Tokens already in the cache.
@@ -231,8 +239,41 @@ impl KvCache {
         self.len == 0
     }
 
+    /// The most tokens it can hold (the model's context).
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Tokens it has memory for now.
+    pub fn allocated(&self) -> usize {
+        self.keys
+            .first()
+            .and_then(|slot| slot.as_ref())
+            .map_or(0, |keys| keys.dims()[1])
+    }
+
+    /// Makes room for `tokens` tokens: when the allocation is too small, each layer's keys and
+    /// values move to tensors for the whole context, one at a time (at most one old tensor
+    /// alive beside the new ones).
+    fn reserve(&mut self, tokens: usize) {
+        if tokens <= self.allocated() {
+            return;
+        }
+        let size = self.capacity;
+        let kept = self.len;
+        for slot in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let old = slot
+                .take()
+                .expect("cache slot is always filled between calls");
+            let [heads, _, head_dim] = old.dims();
+            let options = (&old.device(), old.dtype());
+            let bigger = Tensor::<3>::zeros([heads, size, head_dim], options);
+            let bigger = match kept {
+                0 => bigger,
+                _ => bigger.slice_assign([0..heads, 0..kept, 0..head_dim], old.narrow(1, 0, kept)),
+            };
+            *slot = Some(bigger);
+        }
     }
 
     /// The element type it holds (see [`crate::kernels::kv_cache_dtype`]).
@@ -343,16 +384,18 @@ impl Phi {
         &self.device
     }
 
-    /// A cache for the whole context (`max_position_embeddings` tokens), in f32 or, where
-    /// allowed, f16 ([`crate::kernels::allow_f16`]).
+    /// A cache for up to the whole context (`max_position_embeddings` tokens), with memory for
+    /// [`FIRST_ALLOCATION`] of them to start with, in f32 or, where allowed, f16
+    /// ([`crate::kernels::allow_f16`]).
     pub fn new_cache(&self) -> KvCache {
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.head_dim();
         let capacity = self.config.max_position_embeddings;
+        let allocated = FIRST_ALLOCATION.min(capacity);
         let dtype = crate::kernels::kv_cache_dtype(&self.device);
         let empty = || {
             Some(Tensor::<3>::zeros(
-                [heads, capacity, head_dim],
+                [heads, allocated, head_dim],
                 (&self.device, dtype),
             ))
         };
@@ -377,6 +420,7 @@ impl Phi {
         );
         let start = cache.len;
         let count = tokens.len();
+        cache.reserve(start + count);
         let mut hidden = self.embedding.forward(tokens, &self.device);
         // The GPU attention kernels skip masked positions; only the CPU path adds a mask.
         let mask = (count > 1 && crate::kernels::is_cpu(&self.device))
