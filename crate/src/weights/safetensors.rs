@@ -113,7 +113,11 @@ impl WeightAssembler {
                 ),
             ));
         }
-        Ok(())
+        // Hands the upload to the device now (without waiting for it): cubecl queues up to 32
+        // tasks before it submits them, and each queued upload holds its bytes in (wasm) memory.
+        self.device
+            .flush()
+            .map_err(|e| Error::Device(format!("uploading `{}`: {e}", slot.hf_name())))
     }
 
     /// Checks that every parameter arrived and hands them over.
