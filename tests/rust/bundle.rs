@@ -195,7 +195,8 @@ fn plans_to_test(device: &burn::tensor::Device) -> Vec<Option<KernelPlan>> {
 }
 
 /// The f32 model built from a bundle's dequantized weights: what the 4-bit model must compute.
-fn dequantized_model(bundle: &Path, backend: BackendKind) -> Phi {
+/// Tensors whose names `keep_4bit` picks stay 4-bit (a checkpoint mixing both).
+fn dequantized_model(bundle: &Path, backend: BackendKind, keep_4bit: fn(&str) -> bool) -> Phi {
     let device = block_on(backend.device()).unwrap();
     let manifest =
         Manifest::parse(&std::fs::read_to_string(bundle.join(MANIFEST)).unwrap()).unwrap();
@@ -210,6 +211,9 @@ fn dequantized_model(bundle: &Path, backend: BackendKind) -> Phi {
                     panic!("{}", entry.name)
                 };
                 let values = match decode(entry, words) {
+                    TensorBytes::Q4(m) if keep_4bit(&entry.name) => {
+                        return assembler.insert_q4(slot, m, "test");
+                    }
                     TensorBytes::Q4(m) => m.dequantize(),
                     TensorBytes::F32(v) => v,
                 };
@@ -231,7 +235,11 @@ fn converted_bundles_run_like_their_dequantized_weights() {
         for backend in BACKENDS {
             let (quantized, tokenizer) =
                 load_dir(&out, &block_on(backend.device()).unwrap()).unwrap();
-            let dense = dequantized_model(&out, backend);
+            let dense = dequantized_model(&out, backend, |_| false);
+            // Layers mixing 4-bit and f32 weights are assembled in f32: the same function.
+            let mixed = dequantized_model(&out, backend, |name| {
+                name.contains("q_proj") || name.contains("fc2")
+            });
             for case in reference(fixture_name).cases {
                 let logits = |model: &Phi| {
                     let mut s =
@@ -240,6 +248,8 @@ fn converted_bundles_run_like_their_dequantized_weights() {
                 };
                 let diff = max_abs_diff(&logits(&quantized), &logits(&dense));
                 assert!(diff <= 1e-3, "{fixture_name} {backend:?}: {diff}");
+                let diff = max_abs_diff(&logits(&mixed), &logits(&dense));
+                assert!(diff <= 1e-4, "{fixture_name} {backend:?} mixed: {diff}");
                 let greedy = |model: &Phi| {
                     let params = SamplingParams {
                         max_tokens: 10,
