@@ -578,6 +578,76 @@ mod shader {
         }
     }
 
+    /// Row `row` of `x · Wᵀ` for the `tile` tokens from `first`, then the epilogue, by one
+    /// worker: a thread (`lanes` = 1) or a subgroup, whose lanes stride over the row's blocks
+    /// from `lane` and add their parts with `plane_sum` (when `plane`). Every lane of a
+    /// subgroup reaches `plane_sum`, as WGSL's uniformity rule requires; a worker past the end
+    /// passes `end` = 0 and writes nothing. Bounds are checked only in a row's last block.
+    #[cube]
+    #[allow(clippy::too_many_arguments)] // the matmul's operands, one row's worker, epilogue
+    fn matmul_row<F: Float>(
+        x: &Tensor<f32>,
+        codes: &[u32],
+        scales: &[u32],
+        bias: &[f32],
+        residual: &Tensor<f32>,
+        out: &mut [f32],
+        cols: usize,
+        rows: usize,
+        tokens: usize,
+        gelu_rows: usize,
+        row: usize,
+        first: usize,
+        end: usize,
+        lane: usize,
+        lanes: usize,
+        write: bool,
+        #[comptime] tile: usize,
+        #[comptime] add_residual: bool,
+        #[comptime] plane: bool,
+    ) {
+        let mut acc = Array::<f32>::new(tile);
+        #[unroll]
+        for t in 0..tile {
+            acc[t] = f32::new(0.0);
+        }
+        let whole = select(cols / 32 < end, cols / 32, end);
+        let mut block = lane;
+        while block < whole {
+            add_block::<F>(
+                x, codes, scales, row, block, first, tokens, cols, &mut acc, tile, false,
+            );
+            block += lanes;
+        }
+        while block < end {
+            add_block::<F>(
+                x, codes, scales, row, block, first, tokens, cols, &mut acc, tile, true,
+            );
+            block += lanes;
+        }
+        if plane {
+            #[unroll]
+            for t in 0..tile {
+                acc[t] = plane_sum(acc[t]);
+            }
+        }
+        if write {
+            finish(
+                &acc,
+                bias,
+                residual,
+                out,
+                row,
+                rows,
+                first,
+                tokens,
+                gelu_rows,
+                tile,
+                add_residual,
+            );
+        }
+    }
+
     /// One thread per output row and group of `tile` tokens, looping over the row block by
     /// block: a prefill reads and unpacks each weight word once per group instead of once per
     /// token. Needs nothing beyond core WebGPU. `x` has unit column stride.
@@ -599,46 +669,34 @@ mod shader {
     ) {
         let index = ABSOLUTE_POS;
         if index < rows * tokens.div_ceil(tile) {
-            let row = index % rows;
-            let first = (index / rows) * tile;
-            let mut acc = Array::<f32>::new(tile);
-            #[unroll]
-            for t in 0..tile {
-                acc[t] = f32::new(0.0);
-            }
-            let whole_blocks = cols / 32;
-            for block in 0..whole_blocks {
-                add_block::<F>(
-                    x, codes, scales, row, block, first, tokens, cols, &mut acc, tile, false,
-                );
-            }
-            for block in whole_blocks..cols.div_ceil(32) {
-                add_block::<F>(
-                    x, codes, scales, row, block, first, tokens, cols, &mut acc, tile, true,
-                );
-            }
-            finish(
-                &acc,
+            let (row, first) = (index % rows, (index / rows) * tile);
+            matmul_row::<F>(
+                x,
+                codes,
+                scales,
                 bias,
                 residual,
                 out,
-                row,
+                cols,
                 rows,
-                first,
                 tokens,
                 gelu_rows,
+                row,
+                first,
+                cols.div_ceil(32),
+                0usize,
+                1usize,
+                true,
                 tile,
                 add_residual,
+                false,
             );
         }
     }
 
-    /// One subgroup (plane) per output row and group of `tile` tokens: its lanes stride over
-    /// the row's blocks, so neighbouring lanes read neighbouring 16-byte blocks, and
-    /// `plane_sum` adds their parts. Correct for any subgroup size: the plane's position and
-    /// stride come from `PLANE_DIM` at run time. `plane_sum` is reached by every invocation
-    /// (WGSL requires uniform control flow there): planes past the end run an empty loop and
-    /// write nothing.
+    /// One subgroup (plane) per output row and group of `tile` tokens: neighbouring lanes read
+    /// neighbouring 16-byte blocks. Correct for any subgroup size: the plane's position and
+    /// stride come from `PLANE_DIM` at run time.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)] // the matmul's operands, shape and epilogue
     pub fn q4_matmul_plane_kernel<F: Float>(
@@ -659,40 +717,28 @@ mod shader {
         let plane = CUBE_POS * planes_per_cube + usize::cast_from(UNIT_POS / PLANE_DIM);
         let valid = plane < rows * tokens.div_ceil(tile);
         let index = select(valid, plane, 0usize);
-        let row = index % rows;
-        let first = (index / rows) * tile;
-        let end = select(valid, cols.div_ceil(32), 0usize);
-        let mut acc = Array::<f32>::new(tile);
-        #[unroll]
-        for t in 0..tile {
-            acc[t] = f32::new(0.0);
-        }
-        let mut block = usize::cast_from(UNIT_POS_PLANE);
-        while block < end {
-            add_block::<F>(
-                x, codes, scales, row, block, first, tokens, cols, &mut acc, tile, true,
-            );
-            block += usize::cast_from(PLANE_DIM);
-        }
-        #[unroll]
-        for t in 0..tile {
-            acc[t] = plane_sum(acc[t]);
-        }
-        if valid && UNIT_POS_PLANE == 0 {
-            finish(
-                &acc,
-                bias,
-                residual,
-                out,
-                row,
-                rows,
-                first,
-                tokens,
-                gelu_rows,
-                tile,
-                add_residual,
-            );
-        }
+        let lane = usize::cast_from(UNIT_POS_PLANE);
+        matmul_row::<F>(
+            x,
+            codes,
+            scales,
+            bias,
+            residual,
+            out,
+            cols,
+            rows,
+            tokens,
+            gelu_rows,
+            index % rows,
+            (index / rows) * tile,
+            select(valid, cols.div_ceil(32), 0usize),
+            lane,
+            usize::cast_from(PLANE_DIM),
+            valid && lane == 0,
+            tile,
+            add_residual,
+            true,
+        );
     }
 }
 
