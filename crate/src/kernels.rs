@@ -1,8 +1,9 @@
 //! Our GPU kernels (cubecl: wgpu natively, WebGPU in the browser) and their CPU counterparts.
 //! - 4-bit matrix multiplication straight from the packed weights ([`crate::quant`] layout),
 //!   with its bias, activation and residual: a kernel on GPU backends, a plain loop on burn's
-//!   CPU backend. No float copy of a weight is ever made. Weights can be assembled from parts
-//!   on the device (the model runs a layer's six projections as two matmuls).
+//!   CPU backend. No float copy of a weight is made (unless a layer mixes 4-bit and f32
+//!   parts). Weights can be assembled from parts on the device (the model runs a layer's six
+//!   projections as two matmuls).
 //! - Embedding rows of a 4-bit table.
 //! - The decode path's other fused steps: LayerNorm, and causal attention with the rotary
 //!   embedding and the KV-cache write inside (burn's CPU backend composes these from tensor
@@ -82,8 +83,8 @@ impl Q4Weight {
     }
 
     /// A `rows × cols` weight holding `parts` at `(row, col)` each and zeros elsewhere, made
-    /// where the parts are (on the device: one zeroed buffer the parts are copied into, word
-    /// by word). See [`Q4Matrix::assemble`] for where parts may go.
+    /// where the parts are (on the device: one buffer the parts are copied into, word by
+    /// word). See [`Q4Matrix::assemble`] for where parts may go.
     pub fn assemble(rows: usize, cols: usize, parts: Vec<(Q4Weight, usize, usize)>) -> Q4Weight {
         let Some((Q4Weight::Device { codes, plan, .. }, _, _)) = parts.first() else {
             let host: Vec<_> = parts
@@ -578,14 +579,19 @@ mod shader {
         }
     }
 
-    /// Row `row` of `x · Wᵀ` for the `tile` tokens from `first`, then the epilogue, by one
-    /// worker: a thread (`lanes` = 1) or a subgroup, whose lanes stride over the row's blocks
-    /// from `lane` and add their parts with `plane_sum` (when `plane`). Every lane of a
-    /// subgroup reaches `plane_sum`, as WGSL's uniformity rule requires; a worker past the end
-    /// passes `end` = 0 and writes nothing. Bounds are checked only in a row's last block.
-    #[cube]
-    #[allow(clippy::too_many_arguments)] // the matmul's operands, one row's worker, epilogue
-    fn matmul_row<F: Float>(
+    /// `x · Wᵀ` for a group of `tile` tokens of one output row per worker, then the epilogue.
+    /// A prefill reads and unpacks each weight word once per group instead of once per token.
+    /// `x` has unit column stride. Bounds are checked only in a row's last block.
+    /// - `plane` false: a worker is one thread, looping over its row block by block. Needs
+    ///   nothing beyond core WebGPU.
+    /// - `plane` true: a worker is one subgroup, whose lanes stride over the row's blocks (so
+    ///   neighbouring lanes read neighbouring 16-byte blocks) and add their parts with
+    ///   `plane_sum`. Correct for any subgroup size: the plane's position and stride come from
+    ///   `PLANE_DIM` at run time. Every lane reaches `plane_sum`, as WGSL's uniformity rule
+    ///   requires: workers past the end run empty loops and write nothing.
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)] // the matmul's operands, shape and epilogue
+    pub fn q4_matmul_kernel<F: Float>(
         x: &Tensor<f32>,
         codes: &[u32],
         scales: &[u32],
@@ -596,16 +602,23 @@ mod shader {
         rows: usize,
         tokens: usize,
         gelu_rows: usize,
-        row: usize,
-        first: usize,
-        end: usize,
-        lane: usize,
-        lanes: usize,
-        write: bool,
         #[comptime] tile: usize,
         #[comptime] add_residual: bool,
         #[comptime] plane: bool,
     ) {
+        let mut worker = ABSOLUTE_POS;
+        let mut lane = 0usize;
+        let mut lanes = 1usize;
+        if plane {
+            let planes_per_cube = usize::cast_from(CUBE_DIM / PLANE_DIM);
+            worker = CUBE_POS * planes_per_cube + usize::cast_from(UNIT_POS / PLANE_DIM);
+            lane = usize::cast_from(UNIT_POS_PLANE);
+            lanes = usize::cast_from(PLANE_DIM);
+        }
+        let valid = worker < rows * tokens.div_ceil(tile);
+        let index = select(valid, worker, 0usize);
+        let (row, first) = (index % rows, (index / rows) * tile);
+        let end = select(valid, cols.div_ceil(32), 0usize);
         let mut acc = Array::<f32>::new(tile);
         #[unroll]
         for t in 0..tile {
@@ -631,7 +644,7 @@ mod shader {
                 acc[t] = plane_sum(acc[t]);
             }
         }
-        if write {
+        if valid && lane == 0 {
             finish(
                 &acc,
                 bias,
@@ -646,99 +659,6 @@ mod shader {
                 add_residual,
             );
         }
-    }
-
-    /// One thread per output row and group of `tile` tokens, looping over the row block by
-    /// block: a prefill reads and unpacks each weight word once per group instead of once per
-    /// token. Needs nothing beyond core WebGPU. `x` has unit column stride.
-    #[cube(launch_unchecked)]
-    #[allow(clippy::too_many_arguments)] // the matmul's operands, shape and epilogue
-    pub fn q4_matmul_kernel<F: Float>(
-        x: &Tensor<f32>,
-        codes: &[u32],
-        scales: &[u32],
-        bias: &[f32],
-        residual: &Tensor<f32>,
-        out: &mut [f32],
-        cols: usize,
-        rows: usize,
-        tokens: usize,
-        gelu_rows: usize,
-        #[comptime] tile: usize,
-        #[comptime] add_residual: bool,
-    ) {
-        let index = ABSOLUTE_POS;
-        if index < rows * tokens.div_ceil(tile) {
-            let (row, first) = (index % rows, (index / rows) * tile);
-            matmul_row::<F>(
-                x,
-                codes,
-                scales,
-                bias,
-                residual,
-                out,
-                cols,
-                rows,
-                tokens,
-                gelu_rows,
-                row,
-                first,
-                cols.div_ceil(32),
-                0usize,
-                1usize,
-                true,
-                tile,
-                add_residual,
-                false,
-            );
-        }
-    }
-
-    /// One subgroup (plane) per output row and group of `tile` tokens: neighbouring lanes read
-    /// neighbouring 16-byte blocks. Correct for any subgroup size: the plane's position and
-    /// stride come from `PLANE_DIM` at run time.
-    #[cube(launch_unchecked)]
-    #[allow(clippy::too_many_arguments)] // the matmul's operands, shape and epilogue
-    pub fn q4_matmul_plane_kernel<F: Float>(
-        x: &Tensor<f32>,
-        codes: &[u32],
-        scales: &[u32],
-        bias: &[f32],
-        residual: &Tensor<f32>,
-        out: &mut [f32],
-        cols: usize,
-        rows: usize,
-        tokens: usize,
-        gelu_rows: usize,
-        #[comptime] tile: usize,
-        #[comptime] add_residual: bool,
-    ) {
-        let planes_per_cube = usize::cast_from(CUBE_DIM / PLANE_DIM);
-        let plane = CUBE_POS * planes_per_cube + usize::cast_from(UNIT_POS / PLANE_DIM);
-        let valid = plane < rows * tokens.div_ceil(tile);
-        let index = select(valid, plane, 0usize);
-        let lane = usize::cast_from(UNIT_POS_PLANE);
-        matmul_row::<F>(
-            x,
-            codes,
-            scales,
-            bias,
-            residual,
-            out,
-            cols,
-            rows,
-            tokens,
-            gelu_rows,
-            index % rows,
-            (index / rows) * tile,
-            select(valid, cols.div_ceil(32), 0usize),
-            lane,
-            usize::cast_from(PLANE_DIM),
-            valid && lane == 0,
-            tile,
-            add_residual,
-            true,
-        );
     }
 }
 
@@ -1127,9 +1047,9 @@ fn gpu_matmul(
         .unwrap_or_else(|| x.clone())
         .into_tensor_arg();
     macro_rules! launch {
-        ($kernel:ident, $float:ty) => {
+        ($float:ty) => {
             unsafe {
-                shader::$kernel::launch_unchecked::<$float>(
+                shader::q4_matmul_kernel::launch_unchecked::<$float>(
                     &client,
                     count,
                     dim,
@@ -1145,15 +1065,14 @@ fn gpu_matmul(
                     then.gelu_outputs,
                     tile,
                     residual.is_some(),
+                    plan.subgroups,
                 )
             }
         };
     }
-    match (plan.subgroups, plan.f16) {
-        (false, false) => launch!(q4_matmul_kernel, f32),
-        (false, true) => launch!(q4_matmul_kernel, half::f16),
-        (true, false) => launch!(q4_matmul_plane_kernel, f32),
-        (true, true) => launch!(q4_matmul_plane_kernel, half::f16),
+    match plan.f16 {
+        false => launch!(f32),
+        true => launch!(half::f16),
     }
     Tensor::from_primitive::<Cube>(out)
 }

@@ -246,10 +246,12 @@ impl KvCache {
 
     /// Tokens it has memory for now.
     pub fn allocated(&self) -> usize {
-        self.keys
-            .first()
-            .and_then(|slot| slot.as_ref())
-            .map_or(0, |keys| keys.dims()[1])
+        self.first_keys().map_or(0, |keys| keys.dims()[1])
+    }
+
+    /// The first layer's keys, which stand for every layer's allocation.
+    fn first_keys(&self) -> Option<&Tensor<3>> {
+        self.keys.first().and_then(|slot| slot.as_ref())
     }
 
     /// Makes room for `tokens` tokens: when the allocation is too small, each layer's keys and
@@ -278,9 +280,7 @@ impl KvCache {
 
     /// The element type it holds (see [`crate::kernels::kv_cache_dtype`]).
     pub fn dtype(&self) -> burn::tensor::DType {
-        self.keys
-            .first()
-            .and_then(|slot| slot.as_ref())
+        self.first_keys()
             .map_or(burn::tensor::DType::F32, |keys| keys.dtype())
     }
 

@@ -6,8 +6,7 @@
 mod common;
 
 use burn::tensor::DType;
-use common::{load, max_abs_diff, reference};
-use phi2_web::model::FIRST_ALLOCATION;
+use common::{load, logits_across_cache_growth, max_abs_diff, reference};
 use phi2_web::{block_on, kernels, BackendKind};
 
 #[test]
@@ -47,27 +46,9 @@ fn an_f16_kv_cache_stays_close_to_transformers_and_f32_stays_exact() {
 fn an_f16_cache_grows_like_an_f32_one() {
     kernels::allow_f16(true);
     let (model, _) = load("phi-80", BackendKind::Wgpu);
-    let vocab = model.config().vocab_size as u32;
-    let ids: Vec<u32> = (0..FIRST_ALLOCATION as u32 + 8)
-        .map(|i| (i * 7919 + 13) % vocab)
-        .collect();
-    let read = |logits: burn::tensor::Tensor<2>| {
-        block_on(logits.into_data_async())
-            .unwrap()
-            .try_into_vec::<f32>()
-            .unwrap()
-    };
-    let mut cache = model.new_cache();
-    let full = read(model.forward(&ids, &mut cache));
-    let mut cache = model.new_cache();
-    let before = FIRST_ALLOCATION - 4;
-    let mut logits = model.forward(&ids[..before], &mut cache);
-    for &id in &ids[before..] {
-        logits = model.forward(&[id], &mut cache);
-    }
-    assert_eq!(cache.allocated(), cache.capacity());
-    eprintln!("cache dtype {:?}", cache.dtype());
+    eprintln!("cache dtype {:?}", model.new_cache().dtype());
+    let (full, across) = logits_across_cache_growth(&model, 8);
     // Both runs round the same keys and values to the cache's type.
-    let diff = max_abs_diff(&full, &read(logits));
+    let diff = max_abs_diff(&full, &across);
     assert!(diff <= 1e-3, "across the growth: {diff}");
 }

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{greedy_ids, load, max_abs_diff, next_logits, reference, BACKENDS};
+use common::{
+    greedy_ids, load, logits_across_cache_growth, max_abs_diff, next_logits, reference, BACKENDS,
+};
 use phi2_web::{block_on, BackendKind, SamplingParams, Session};
 
 const FIXTURES: [&str; 4] = ["phi-tok", "phi-80", "phi-80-old", "phi-odd"];
@@ -185,32 +187,10 @@ fn top_k_sampling_on_the_device_draws_what_the_host_would() {
 /// pass over all the tokens (which grows before anything is cached).
 #[test]
 fn a_cache_growing_past_its_first_allocation_keeps_what_it_held() {
-    use phi2_web::model::FIRST_ALLOCATION;
     for backend in BACKENDS {
         let (model, _) = load("phi-tok", backend);
-        let vocab = model.config().vocab_size as u32;
-        let ids: Vec<u32> = (0..FIRST_ALLOCATION as u32 + 40)
-            .map(|i| (i * 7919 + 13) % vocab)
-            .collect();
-        let read = |logits: burn::tensor::Tensor<2>| {
-            block_on(logits.into_data_async())
-                .unwrap()
-                .try_into_vec::<f32>()
-                .unwrap()
-        };
-        let mut cache = model.new_cache();
-        let full = read(model.forward(&ids, &mut cache));
-        assert_eq!(cache.allocated(), cache.capacity(), "{backend:?}");
-
-        let mut cache = model.new_cache();
-        let before = FIRST_ALLOCATION - 6;
-        let mut logits = model.forward(&ids[..before], &mut cache);
-        assert_eq!(cache.allocated(), FIRST_ALLOCATION, "{backend:?}");
-        for &id in &ids[before..] {
-            logits = model.forward(&[id], &mut cache);
-        }
-        assert_eq!(cache.allocated(), cache.capacity(), "{backend:?}");
-        let diff = max_abs_diff(&full, &read(logits));
+        let (full, across) = logits_across_cache_growth(&model, 40);
+        let diff = max_abs_diff(&full, &across);
         assert!(diff <= 1e-4, "{backend:?}: across the growth: {diff}");
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use phi2_web::model::FIRST_ALLOCATION;
 use phi2_web::{block_on, BackendKind, Phi, PhiTokenizer, SamplingParams, Session};
 use serde::Deserialize;
 
@@ -59,6 +60,36 @@ pub fn greedy_ids(model: &Phi, tokenizer: &PhiTokenizer, ids: &[u32], count: usi
     let mut session = Session::new(model, ids.to_vec(), params).unwrap();
     while block_on(session.next(model, tokenizer)).unwrap().is_some() {}
     session.generated_ids().to_vec()
+}
+
+/// The last logits of `FIRST_ALLOCATION + extra` tokens (`extra` ≥ 1), run in one pass (whose
+/// cache grows before anything is cached), then with the cache growing mid-decode: all but 4 of
+/// the first allocation's tokens at once, the rest one at a time. Checks the cache's
+/// allocation at each stage.
+pub fn logits_across_cache_growth(model: &Phi, extra: usize) -> (Vec<f32>, Vec<f32>) {
+    let vocab = model.config().vocab_size as u32;
+    let ids: Vec<u32> = (0..(FIRST_ALLOCATION + extra) as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let read = |logits: burn::tensor::Tensor<2>| {
+        block_on(logits.into_data_async())
+            .unwrap()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    let mut cache = model.new_cache();
+    let full = read(model.forward(&ids, &mut cache));
+    assert_eq!(cache.allocated(), cache.capacity(), "one pass");
+
+    let mut cache = model.new_cache();
+    let before = FIRST_ALLOCATION - 4;
+    let mut logits = model.forward(&ids[..before], &mut cache);
+    assert_eq!(cache.allocated(), FIRST_ALLOCATION, "before the growth");
+    for &id in &ids[before..] {
+        logits = model.forward(&[id], &mut cache);
+    }
+    assert_eq!(cache.allocated(), cache.capacity(), "after the growth");
+    (full, read(logits))
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
