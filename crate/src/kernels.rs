@@ -32,6 +32,16 @@ const WORKGROUP: u32 = 64;
 /// Tokens a matmul thread (or subgroup) handles together in a prefill.
 const PREFILL_TILE: usize = 8;
 
+/// Output rows a matmul thread handles on a software adapter (a CPU emulating a GPU: llvmpipe,
+/// SwiftShader). There every buffer load is a loop over the SIMD lanes (llvmpipe inserts each
+/// lane's value through the stack), so loads, not arithmetic, set the speed. A thread that
+/// reads each activation once for 16 rows made a 10240 × 2560 matmul 3.9× faster for one token
+/// on lavapipe and 7.6× for 64. A GPU needs the threads instead: one row each.
+const SOFTWARE_ROWS_PER_WORKER: usize = 16;
+/// Tokens a matmul thread handles together in a prefill on a software adapter: 8 was faster
+/// still, but lavapipe took 9 s to compile that shader (2 s for 4).
+const SOFTWARE_PREFILL_TILE: usize = 4;
+
 /// A 4-bit weight `[rows = out features, cols = in features]` where the model runs.
 #[allow(clippy::large_enum_variant)] // a few per model, not worth a box
 pub enum Q4Weight {
@@ -477,63 +487,82 @@ mod shader {
         }
     }
 
-    /// Adds one block's share (32 columns: 4 packed words, one scale) of `x · Wᵀ`'s row `row`
-    /// to the accumulators of `tile` tokens from `first` (clamped to the last token: a
-    /// thread's tokens past the end compute a copy that is never written). Each word's 8 codes
-    /// are unpacked once for all the tokens; the products and each word's sum are in `F`
-    /// (f32, or f16 where the adapter has `shader-f16`), the block's sum in f32, scaled once.
-    /// `checked`: the block may reach past the row's last column.
+    /// Adds one block's share (32 columns: 4 packed words, one scale per row) of `x · Wᵀ` for
+    /// `group` rows from `row` and `tile` tokens from `first` to their accumulators
+    /// (`acc[r * tile + t]`). Rows and tokens past the end are clamped to the last one: a
+    /// worker's extra rows and tokens compute copies that are never written. Each activation
+    /// is loaded once for all the rows and each word once for all the tokens: on adapters that
+    /// emulate a GPU on a CPU every load is a loop over the lanes, and loads are the cost. The
+    /// products and each word's sum are in `F` (f32, or f16 where the adapter has
+    /// `shader-f16`), the block's sum in f32, scaled once.
     #[cube]
-    #[allow(clippy::too_many_arguments)] // one block of one row, for a group of tokens
+    #[allow(clippy::too_many_arguments)] // one block of a group of rows, for a group of tokens
     fn add_block<F: Float>(
         x: &Tensor<f32>,
         codes: &[u32],
         scales: &[u32],
         row: usize,
+        rows: usize,
         block: usize,
         first: usize,
         tokens: usize,
         cols: usize,
         acc: &mut Array<f32>,
+        #[comptime] group: usize,
         #[comptime] tile: usize,
-        #[comptime] checked: bool,
     ) {
-        let mut sums = Array::<f32>::new(tile);
+        let mut sums = Array::<f32>::new(group * tile);
         #[unroll]
-        for t in 0..tile {
-            sums[t] = f32::new(0.0);
+        for k in 0..group * tile {
+            sums[k] = f32::new(0.0);
         }
-        let mut values = Array::<F>::new(8usize);
-        #[unroll]
+        let mut packed = Array::<u32>::new(group);
+        let mut values = Array::<F>::new(group);
+        let mut parts = Array::<F>::new(group * tile);
         for w in 0..4usize {
-            let packed = codes[(row * cols.div_ceil(32) + block) * 4 + w];
             #[unroll]
-            for i in 0..8usize {
-                values[i] = F::cast_from(code_value(packed, i));
+            for r in 0..group {
+                let at = select(row + r < rows, row + r, rows - 1);
+                packed[r] = codes[(at * cols.div_ceil(32) + block) * 4 + w];
+            }
+            #[unroll]
+            for k in 0..group * tile {
+                parts[k] = F::new(0.0);
             }
             let base = block * 32 + w * 8;
             #[unroll]
-            for t in 0..tile {
-                let token = select(first + t < tokens, first + t, tokens - 1);
-                let at = token * x.stride(0) + base;
-                let mut part = F::new(0.0);
+            for i in 0..8usize {
                 #[unroll]
-                for i in 0..8usize {
-                    if checked {
-                        if base + i < cols {
-                            part += values[i] * F::cast_from(x[at + i]);
-                        }
-                    } else {
-                        part += values[i] * F::cast_from(x[at + i]);
+                for r in 0..group {
+                    values[r] = F::cast_from(code_value(packed[r], i));
+                }
+                // Columns past the row's end (in its last block) read column 0 and count as 0:
+                // a select per activation, not a second copy of the loop to compile.
+                let inside = base + i < cols;
+                #[unroll]
+                for t in 0..tile {
+                    let token = select(first + t < tokens, first + t, tokens - 1);
+                    let at = token * x.stride(0) + select(inside, base + i, 0usize);
+                    let xv = F::cast_from(select(inside, x[at], f32::new(0.0)));
+                    #[unroll]
+                    for r in 0..group {
+                        parts[r * tile + t] += values[r] * xv;
                     }
                 }
-                sums[t] += f32::cast_from(part);
+            }
+            #[unroll]
+            for k in 0..group * tile {
+                sums[k] += f32::cast_from(parts[k]);
             }
         }
-        let scale = block_scale(scales, row, block, cols);
         #[unroll]
-        for t in 0..tile {
-            acc[t] += sums[t] * scale;
+        for r in 0..group {
+            let at = select(row + r < rows, row + r, rows - 1);
+            let scale = block_scale(scales, at, block, cols);
+            #[unroll]
+            for t in 0..tile {
+                acc[r * tile + t] += sums[r * tile + t] * scale;
+            }
         }
     }
 
@@ -546,10 +575,11 @@ mod shader {
         f32::new(0.5) * x * (f32::new(1.0) + t)
     }
 
-    /// Writes the outputs of row `row` for the `tile` tokens from `first` that exist: bias
-    /// added, GELU on rows below `gelu_rows`, then the residual (when `add_residual`).
+    /// Writes the outputs of the `group` rows from `row` and the `tile` tokens from `first`
+    /// that exist: bias added, GELU on rows below `gelu_rows`, then the residual (when
+    /// `add_residual`).
     #[cube]
-    #[allow(clippy::too_many_arguments)] // one row's outputs and what follows the matmul
+    #[allow(clippy::too_many_arguments)] // a group's outputs and what follows the matmul
     fn finish(
         acc: &Array<f32>,
         bias: &[f32],
@@ -560,31 +590,37 @@ mod shader {
         first: usize,
         tokens: usize,
         gelu_rows: usize,
+        #[comptime] group: usize,
         #[comptime] tile: usize,
         #[comptime] add_residual: bool,
     ) {
         #[unroll]
-        for t in 0..tile {
-            let token = first + t;
-            if token < tokens {
-                let mut y = acc[t] + bias[row];
-                if row < gelu_rows {
-                    y = gelu_tanh(y);
+        for r in 0..group {
+            let at = row + r;
+            #[unroll]
+            for t in 0..tile {
+                let token = first + t;
+                if at < rows && token < tokens {
+                    let mut y = acc[r * tile + t] + bias[at];
+                    if at < gelu_rows {
+                        y = gelu_tanh(y);
+                    }
+                    if add_residual {
+                        y += residual[token * residual.stride(0) + at * residual.stride(1)];
+                    }
+                    out[token * rows + at] = y;
                 }
-                if add_residual {
-                    y += residual[token * residual.stride(0) + row * residual.stride(1)];
-                }
-                out[token * rows + row] = y;
             }
         }
     }
 
-    /// `x · Wᵀ` for a group of `tile` tokens of one output row per worker, then the epilogue.
-    /// A prefill reads and unpacks each weight word once per group instead of once per token.
-    /// `x` has unit column stride. Bounds are checked only in a row's last block.
-    /// - `plane` false: a worker is one thread, looping over its row block by block. Needs
+    /// `x · Wᵀ` for `group` output rows × `tile` tokens per worker, then the epilogue. A
+    /// prefill reads and unpacks each weight word once per group of tokens instead of once per
+    /// token; a group of rows reads each activation once for all its rows.
+    /// `x` has unit column stride.
+    /// - `plane` false: a worker is one thread, looping over its rows block by block. Needs
     ///   nothing beyond core WebGPU.
-    /// - `plane` true: a worker is one subgroup, whose lanes stride over the row's blocks (so
+    /// - `plane` true: a worker is one subgroup, whose lanes stride over the rows' blocks (so
     ///   neighbouring lanes read neighbouring 16-byte blocks) and add their parts with
     ///   `plane_sum`. Correct for any subgroup size: the plane's position and stride come from
     ///   `PLANE_DIM` at run time. Every lane reaches `plane_sum`, as WGSL's uniformity rule
@@ -602,6 +638,7 @@ mod shader {
         rows: usize,
         tokens: usize,
         gelu_rows: usize,
+        #[comptime] group: usize,
         #[comptime] tile: usize,
         #[comptime] add_residual: bool,
         #[comptime] plane: bool,
@@ -615,33 +652,27 @@ mod shader {
             lane = usize::cast_from(UNIT_POS_PLANE);
             lanes = usize::cast_from(PLANE_DIM);
         }
-        let valid = worker < rows * tokens.div_ceil(tile);
+        let row_groups = rows.div_ceil(group);
+        let valid = worker < row_groups * tokens.div_ceil(tile);
         let index = select(valid, worker, 0usize);
-        let (row, first) = (index % rows, (index / rows) * tile);
+        let (row, first) = ((index % row_groups) * group, (index / row_groups) * tile);
         let end = select(valid, cols.div_ceil(32), 0usize);
-        let mut acc = Array::<f32>::new(tile);
+        let mut acc = Array::<f32>::new(group * tile);
         #[unroll]
-        for t in 0..tile {
-            acc[t] = f32::new(0.0);
+        for k in 0..group * tile {
+            acc[k] = f32::new(0.0);
         }
-        let whole = select(cols / 32 < end, cols / 32, end);
         let mut block = lane;
-        while block < whole {
-            add_block::<F>(
-                x, codes, scales, row, block, first, tokens, cols, &mut acc, tile, false,
-            );
-            block += lanes;
-        }
         while block < end {
             add_block::<F>(
-                x, codes, scales, row, block, first, tokens, cols, &mut acc, tile, true,
+                x, codes, scales, row, rows, block, first, tokens, cols, &mut acc, group, tile,
             );
             block += lanes;
         }
         if plane {
             #[unroll]
-            for t in 0..tile {
-                acc[t] = plane_sum(acc[t]);
+            for k in 0..group * tile {
+                acc[k] = plane_sum(acc[k]);
             }
         }
         if valid && lane == 0 {
@@ -655,6 +686,7 @@ mod shader {
                 first,
                 tokens,
                 gelu_rows,
+                group,
                 tile,
                 add_residual,
             );
@@ -707,6 +739,9 @@ pub struct KernelPlan {
     /// Products of codes and activations in f16 (`shader-f16`); each word's sum joins the
     /// f32 accumulator.
     pub f16: bool,
+    /// Matmul threads shaped for a software adapter ([`SOFTWARE_ROWS_PER_WORKER`]), as cubecl
+    /// reports one: several output rows per thread instead of one.
+    pub software: bool,
 }
 
 /// See [`allow_f16`].
@@ -733,6 +768,7 @@ impl KernelPlan {
     pub const PORTABLE: KernelPlan = KernelPlan {
         subgroups: false,
         f16: false,
+        software: false,
     };
 
     /// The plan new weights get on `device`: subgroups when offered, f16 when offered and
@@ -753,24 +789,38 @@ impl KernelPlan {
                 f16: props
                     .type_usage(ElemType::Float(FloatKind::F16))
                     .contains(TypeUsage::Arithmetic),
+                // cubecl describes no physical device for a software adapter.
+                software: props.identity.physical.is_none(),
             }
         })
     }
 
-    /// Every plan `device` can run.
+    /// Every plan `device` can run (any device runs either thread shape).
     pub fn supported(device: &Device) -> Vec<KernelPlan> {
         let Some(best) = KernelPlan::offered(device) else {
             return Vec::new();
         };
-        [false, true]
+        KernelPlan::all()
             .into_iter()
-            .flat_map(|subgroups| {
-                [false, true]
-                    .into_iter()
-                    .map(move |f16| KernelPlan { subgroups, f16 })
-            })
             .filter(|p| (best.subgroups || !p.subgroups) && (best.f16 || !p.f16))
             .collect()
+    }
+
+    /// Every plan there is.
+    pub fn all() -> Vec<KernelPlan> {
+        let mut plans = Vec::new();
+        for subgroups in [false, true] {
+            for f16 in [false, true] {
+                for software in [false, true] {
+                    plans.push(KernelPlan {
+                        subgroups,
+                        f16,
+                        software,
+                    });
+                }
+            }
+        }
+        plans
     }
 }
 
@@ -781,13 +831,15 @@ pub fn describe_device(device: &Device) -> String {
         (Some(offered), Some(used)) => {
             let props = client_of(device).properties().clone();
             format!(
-                "{} (subgroups: {}, sizes {}-{}; shader-f16: {}; f16 products and KV cache: {})",
+                "{} (subgroups: {}, sizes {}-{}; shader-f16: {}; f16 products and KV cache: {}; \
+                 software adapter: {})",
                 props.identity.name,
                 offered.subgroups,
                 props.hardware.plane_size_min,
                 props.hardware.plane_size_max,
                 offered.f16,
-                used.f16
+                used.f16,
+                used.software
             )
         }
         _ => "cpu (burn-flex)".to_string(),
@@ -1028,8 +1080,12 @@ fn gpu_matmul(
         DType::F32,
     );
     // A prefill reuses each weight word across a group of tokens; decoding has one.
-    let tile = if tokens > 1 { PREFILL_TILE } else { 1 };
-    let groups = rows * tokens.div_ceil(tile);
+    let (group, prefill_tile) = match plan.software {
+        true => (SOFTWARE_ROWS_PER_WORKER, SOFTWARE_PREFILL_TILE),
+        false => (1, PREFILL_TILE),
+    };
+    let tile = if tokens > 1 { prefill_tile } else { 1 };
+    let groups = rows.div_ceil(group) * tokens.div_ceil(tile);
     let (count, dim) = if plan.subgroups {
         // Enough planes for every group even with the largest subgroup the adapter reports.
         let plane_max = client.properties().hardware.plane_size_max.max(1);
@@ -1063,6 +1119,7 @@ fn gpu_matmul(
                     rows,
                     tokens,
                     then.gelu_outputs,
+                    group,
                     tile,
                     residual.is_some(),
                     plan.subgroups,

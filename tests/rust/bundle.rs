@@ -184,9 +184,7 @@ fn plans_to_test(device: &burn::tensor::Device) -> Vec<Option<KernelPlan>> {
             "{}: no shader-f16",
             describe_device(device)
         );
-        [(false, false), (false, true), (true, false), (true, true)]
-            .map(|(subgroups, f16)| KernelPlan { subgroups, f16 })
-            .to_vec()
+        KernelPlan::all()
     } else {
         KernelPlan::supported(device)
     };
