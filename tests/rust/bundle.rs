@@ -172,7 +172,8 @@ fn assembled_4bit_weights_hold_their_parts_and_zeros_elsewhere() {
 /// The CPU backend's one way, or every kernel plan the GPU device supports. scripts/test.sh
 /// also runs this test on lavapipe (Vulkan), which has shader-f16 and subgroups, with
 /// `PHI2_TEST_ALL_KERNELS=1`: there every plan runs, including the subgroup kernels cubecl would
-/// not pick on a CPU adapter, and an adapter without f16 fails the test instead of testing less.
+/// not pick on a CPU adapter, and an adapter without f16, or not taken for a software adapter,
+/// fails the test instead of testing less.
 fn plans_to_test(device: &burn::tensor::Device) -> Vec<Option<KernelPlan>> {
     if is_cpu(device) {
         return vec![None];
@@ -182,6 +183,12 @@ fn plans_to_test(device: &burn::tensor::Device) -> Vec<Option<KernelPlan>> {
         assert!(
             offered.iter().any(|p| p.f16),
             "{}: no shader-f16",
+            describe_device(device)
+        );
+        // lavapipe is a CPU: it must get the threads shaped for software adapters.
+        assert!(
+            KernelPlan::best(device).is_some_and(|p| p.software),
+            "{}: not recognised as a software adapter",
             describe_device(device)
         );
         KernelPlan::all()
