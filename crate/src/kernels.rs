@@ -41,6 +41,8 @@ const SOFTWARE_ROWS_PER_WORKER: usize = 16;
 /// Tokens a matmul thread handles together in a prefill on a software adapter: 8 was faster
 /// still, but lavapipe took 9 s to compile that shader (2 s for 4).
 const SOFTWARE_PREFILL_TILE: usize = 4;
+/// LayerNorm threads per row on a software adapter: the widest SIMD vector they emulate with.
+const SOFTWARE_LAYER_NORM_THREADS: u32 = 8;
 
 /// A 4-bit weight `[rows = out features, cols = in features]` where the model runs.
 #[allow(clippy::large_enum_variant)] // a few per model, not worth a box
@@ -316,9 +318,15 @@ mod shader {
     }
 
     /// LayerNorm of each row of `x: [rows, cols]`, one workgroup per row: mean, then the
-    /// (biased) variance of the differences, as transformers computes them. Every thread
-    /// computes the row's statistics itself (reads that hit the cache) and writes its share
-    /// of the row: no shared memory or barriers, which cubecl 0.11.3 failed to verify here.
+    /// (biased) variance of the differences, as transformers computes them. No shared memory
+    /// or barriers, which cubecl 0.11.3 failed to verify here:
+    /// - `plane` false: every thread computes the row's statistics itself (reads that hit the
+    ///   cache);
+    /// - `plane` true: each subgroup does, its lanes striding over the row and adding their
+    ///   parts with `plane_sum` (a dependency chain of `cols / subgroup size` loads instead of
+    ///   `cols`). Correct for any subgroup size; every lane of a workgroup reaches `plane_sum`.
+    ///
+    /// Then each thread writes its share of the row.
     #[cube(launch_unchecked)]
     pub fn layer_norm_kernel(
         x: &Tensor<f32>,
@@ -328,24 +336,41 @@ mod shader {
         rows: usize,
         cols: usize,
         eps: f32,
+        #[comptime] plane: bool,
     ) {
         let row = CUBE_POS;
         if row < rows {
             let base = row * x.stride(0);
             let step = x.stride(1);
             let count = f32::cast_from(cols);
+            let mut lane = 0usize;
+            let mut lanes = 1usize;
+            if plane {
+                lane = usize::cast_from(UNIT_POS_PLANE);
+                lanes = usize::cast_from(PLANE_DIM);
+            }
             let mut sum = f32::new(0.0);
-            for col in 0..cols {
+            let mut col = lane;
+            while col < cols {
                 sum += x[base + col * step];
+                col += lanes;
+            }
+            if plane {
+                sum = plane_sum(sum);
             }
             let mean = sum / count;
             let mut squares = f32::new(0.0);
-            for col in 0..cols {
+            col = lane;
+            while col < cols {
                 let d = x[base + col * step] - mean;
                 squares += d * d;
+                col += lanes;
+            }
+            if plane {
+                squares = plane_sum(squares);
             }
             let scale = f32::new(1.0) / (squares / count + eps).sqrt();
-            let mut col = UNIT_POS as usize;
+            col = UNIT_POS as usize;
             while col < cols {
                 out[row * cols + col] =
                     (x[base + col * step] - mean) * scale * weight[col] + bias[col];
@@ -971,8 +996,13 @@ pub fn attention(
 
 /// LayerNorm over the last dimension of `x: [rows, cols]`: one launch for what burn's ops do
 /// in about nine.
-pub fn layer_norm(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) -> Tensor<2> {
-    const THREADS: u32 = 64;
+pub fn layer_norm(
+    x: Tensor<2>,
+    weight: &Tensor<1>,
+    bias: &Tensor<1>,
+    eps: f64,
+    plan: KernelPlan,
+) -> Tensor<2> {
     let [rows, cols] = x.dims();
     let x = cube(x);
     let (weight, bias) = (cube(weight.clone()), cube(bias.clone()));
@@ -984,11 +1014,18 @@ pub fn layer_norm(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) 
         client.empty(rows * cols * 4),
         DType::F32,
     );
+    // A workgroup of at least one subgroup; on a software adapter one SIMD vector's worth
+    // (every thread there repeats the statistics: 8 do it 8× cheaper than 64).
+    let threads = match (plan.subgroups, plan.software) {
+        (true, _) => WORKGROUP.max(client.properties().hardware.plane_size_max),
+        (false, true) => SOFTWARE_LAYER_NORM_THREADS,
+        (false, false) => WORKGROUP,
+    };
     unsafe {
         shader::layer_norm_kernel::launch_unchecked(
             &client,
             grid(rows),
-            CubeDim::new_1d(THREADS),
+            CubeDim::new_1d(threads),
             x.into_tensor_arg(),
             buffer(&weight),
             buffer(&bias),
@@ -996,6 +1033,7 @@ pub fn layer_norm(x: Tensor<2>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) 
             rows,
             cols,
             eps as f32,
+            plan.subgroups,
         );
     }
     Tensor::from_primitive::<Cube>(out)

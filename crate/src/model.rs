@@ -14,7 +14,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{s, Device, Int, Tensor, TensorData};
 
 use crate::config::PhiConfig;
-use crate::kernels::{Epilogue, Q4Weight};
+use crate::kernels::{Epilogue, KernelPlan, Q4Weight};
 use crate::quant::PLACEMENT_COLS;
 use crate::weights::safetensors::Weights;
 use crate::weights::{LayerParam, Slot};
@@ -124,13 +124,15 @@ pub struct LayerNorm {
     weight: Tensor<1>,
     bias: Tensor<1>,
     eps: f64,
+    /// How the GPU kernel runs; `None` on burn's CPU backend.
+    plan: Option<KernelPlan>,
 }
 
 impl LayerNorm {
     /// One kernel on GPU backends; tensor ops on burn's CPU backend.
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        if !crate::kernels::is_cpu(&x.device()) {
-            return crate::kernels::layer_norm(x, &self.weight, &self.bias, self.eps);
+        if let Some(plan) = self.plan {
+            return crate::kernels::layer_norm(x, &self.weight, &self.bias, self.eps, plan);
         }
         let (var, mean) = x.clone().var_mean_bias(1);
         let normed = (x - mean) / (var + self.eps).sqrt();
@@ -332,6 +334,7 @@ impl Phi {
     pub fn from_weights(mut weights: Weights, device: &Device) -> Self {
         let config = weights.config.clone();
         let eps = config.layer_norm_eps;
+        let plan = KernelPlan::best(device);
         let hidden = config.hidden_size;
         let mlp_width = config.intermediate_size.next_multiple_of(PLACEMENT_COLS);
         let layers = (0..config.num_hidden_layers)
@@ -354,6 +357,7 @@ impl Phi {
                         weight: weights.take(p(NormWeight)),
                         bias: weights.take(p(NormBias)),
                         eps,
+                        plan,
                     },
                     fan_out: Linear::assemble(mlp_width + 3 * hidden, hidden, fan_out, device),
                     fan_in: Linear::assemble(hidden, mlp_width + hidden, fan_in, device),
@@ -368,6 +372,7 @@ impl Phi {
                 weight: weights.take(Slot::FinalNormWeight),
                 bias: weights.take(Slot::FinalNormBias),
                 eps,
+                plan,
             },
             lm_head: weights.take_linear(Slot::LmHeadWeight, Slot::LmHeadBias),
             rotary: Rotary::new(&config, device),

@@ -169,6 +169,45 @@ fn assembled_4bit_weights_hold_their_parts_and_zeros_elsewhere() {
     }
 }
 
+#[test]
+fn layer_norm_kernel_matches_the_reference_in_every_plan() {
+    let device = block_on(BackendKind::Wgpu.device()).unwrap();
+    let eps = 1e-5;
+    for (rows, cols) in [(1, 70), (3, 300), (2, 2560)] {
+        // Values far from zero, as in Phi-2's residual stream, where a careless variance loses
+        // digits.
+        let x: Vec<f32> = pseudo_random(rows * cols, cols as u64)
+            .iter()
+            .map(|v| 40.0 + 8.0 * v)
+            .collect();
+        let weight = pseudo_random(cols, 11);
+        let bias = pseudo_random(cols, 13);
+        let mut expected = Vec::with_capacity(rows * cols);
+        for row in x.chunks(cols) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
+            for (c, &v) in row.iter().enumerate() {
+                let normed = (v as f64 - mean) / (var + eps).sqrt();
+                expected.push((normed * weight[c] as f64 + bias[c] as f64) as f32);
+            }
+        }
+        let tensor =
+            |values: Vec<f32>, shape: Vec<usize>| burn::tensor::TensorData::new(values, shape);
+        let x = burn::tensor::Tensor::<2>::from_data(tensor(x, vec![rows, cols]), &device);
+        let weight = burn::tensor::Tensor::<1>::from_data(tensor(weight, vec![cols]), &device);
+        let bias = burn::tensor::Tensor::<1>::from_data(tensor(bias, vec![cols]), &device);
+        for plan in plans_to_test(&device).into_iter().flatten() {
+            let y = phi2_web::kernels::layer_norm(x.clone(), &weight, &bias, eps, plan);
+            let got = block_on(y.into_data_async())
+                .unwrap()
+                .try_into_vec::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(&got, &expected);
+            assert!(diff < 1e-4, "{plan:?} {rows}x{cols}: {diff}");
+        }
+    }
+}
+
 /// The CPU backend's one way, or every kernel plan the GPU device supports. scripts/test.sh
 /// also runs this test on lavapipe (Vulkan), which has shader-f16 and subgroups, with
 /// `PHI2_TEST_ALL_KERNELS=1`: there every plan runs, including the subgroup kernels cubecl would
