@@ -1017,7 +1017,7 @@ pub fn layer_norm(
     // A workgroup of at least one subgroup; on a software adapter one SIMD vector's worth
     // (every thread there repeats the statistics: 8 do it 8× cheaper than 64).
     let threads = match (plan.subgroups, plan.software) {
-        (true, _) => WORKGROUP.max(client.properties().hardware.plane_size_max),
+        (true, _) => subgroup_workgroup(&client).0,
         (false, true) => SOFTWARE_LAYER_NORM_THREADS,
         (false, false) => WORKGROUP,
     };
@@ -1037,6 +1037,13 @@ pub fn layer_norm(
         );
     }
     Tensor::from_primitive::<Cube>(out)
+}
+
+/// Threads in a workgroup that holds at least one whole subgroup of the largest size the
+/// adapter reports, and that size.
+fn subgroup_workgroup(client: &Client) -> (u32, u32) {
+    let plane_max = client.properties().hardware.plane_size_max.max(1);
+    (WORKGROUP.max(plane_max), plane_max)
 }
 
 /// `cubes` workgroups. Past WebGPU's per-dimension limit (65535) the grid wraps into a second
@@ -1126,8 +1133,7 @@ fn gpu_matmul(
     let groups = rows.div_ceil(group) * tokens.div_ceil(tile);
     let (count, dim) = if plan.subgroups {
         // Enough planes for every group even with the largest subgroup the adapter reports.
-        let plane_max = client.properties().hardware.plane_size_max.max(1);
-        let threads = WORKGROUP.max(plane_max);
+        let (threads, plane_max) = subgroup_workgroup(&client);
         let planes = (threads / plane_max) as usize;
         (groups.div_ceil(planes), threads)
     } else {
