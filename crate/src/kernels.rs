@@ -41,8 +41,10 @@ const SOFTWARE_ROWS_PER_WORKER: usize = 16;
 /// Tokens a matmul thread handles together in a prefill on a software adapter: 8 was faster
 /// still, but lavapipe took 9 s to compile that shader (2 s for 4).
 const SOFTWARE_PREFILL_TILE: usize = 4;
-/// LayerNorm threads per row on a software adapter: the widest SIMD vector they emulate with.
-const SOFTWARE_LAYER_NORM_THREADS: u32 = 8;
+/// Threads per workgroup on a software adapter: the widest SIMD vector they emulate with
+/// (llvmpipe's 8 f32 lanes on AVX2). A software adapter shares workgroups out among its few
+/// CPU cores; 64-thread ones left a core idle for a quarter of a 2560-row matmul on 2 cores.
+const SOFTWARE_WORKGROUP: u32 = 8;
 
 /// A 4-bit weight `[rows = out features, cols = in features]` where the model runs.
 #[allow(clippy::large_enum_variant)] // a few per model, not worth a box
@@ -277,8 +279,13 @@ mod shader {
     /// word, each row starting on a word of its own ([`crate::quant::Q4Matrix::row_scale_words`]).
     #[cube]
     fn block_scale(scales: &[u32], row: usize, block: usize, cols: usize) -> f32 {
-        let word = scales[row * cols.div_ceil(64) + block / 2];
-        half_to_f32((word >> u32::cast_from((block % 2) * 16)) & 65535u32)
+        half_scale(scales[row * cols.div_ceil(64) + block / 2], block % 2)
+    }
+
+    /// Scale `half` (0: low, 1: high) of a scale word.
+    #[cube]
+    fn half_scale(word: u32, half: usize) -> f32 {
+        half_to_f32((word >> u32::cast_from(half * 16)) & 65535u32)
     }
 
     /// The signed value (-8..7) of code `i` (0..8) of a packed word, low nibble first.
@@ -512,81 +519,93 @@ mod shader {
         }
     }
 
-    /// Adds one block's share (32 columns: 4 packed words, one scale per row) of `x · Wᵀ` for
-    /// `group` rows from `row` and `tile` tokens from `first` to their accumulators
-    /// (`acc[r * tile + t]`). Rows and tokens past the end are clamped to the last one: a
-    /// worker's extra rows and tokens compute copies that are never written. Each activation
-    /// is loaded once for all the rows and each word once for all the tokens: on adapters that
-    /// emulate a GPU on a CPU every load is a loop over the lanes, and loads are the cost. The
-    /// products and each word's sum are in `F` (f32, or f16 where the adapter has
-    /// `shader-f16`), the block's sum in f32, scaled once.
+    /// Adds one pair of blocks' share (64 columns: 8 packed words; each row's two scales share
+    /// a word, loaded once) of `x · Wᵀ` for `group` rows from `row` and `tile` tokens from
+    /// `first` to their accumulators (`acc[r * tile + t]`). Rows and tokens past the end are
+    /// clamped to the last one: a worker's extra rows and tokens compute copies that are never
+    /// written. Each activation is loaded once for all the rows and each word once for all the
+    /// tokens: on adapters that emulate a GPU on a CPU every load is a loop over the lanes, and
+    /// loads are the cost. The products and each word's sum are in `F` (f32, or f16 where the
+    /// adapter has `shader-f16`), each block's sum in f32, scaled once.
     #[cube]
-    #[allow(clippy::too_many_arguments)] // one block of a group of rows, for a group of tokens
-    fn add_block<F: Float>(
+    #[allow(clippy::too_many_arguments)] // two blocks of a group of rows, for a group of tokens
+    fn add_block_pair<F: Float>(
         x: &Tensor<f32>,
         codes: &[u32],
         scales: &[u32],
         row: usize,
         rows: usize,
-        block: usize,
+        pair: usize,
         first: usize,
         tokens: usize,
         cols: usize,
+        x_stride: usize,
         acc: &mut Array<f32>,
         #[comptime] group: usize,
         #[comptime] tile: usize,
     ) {
-        let mut sums = Array::<f32>::new(group * tile);
-        #[unroll]
-        for k in 0..group * tile {
-            sums[k] = f32::new(0.0);
-        }
-        let mut packed = Array::<u32>::new(group);
-        let mut values = Array::<F>::new(group);
-        let mut parts = Array::<F>::new(group * tile);
-        for w in 0..4usize {
-            #[unroll]
-            for r in 0..group {
-                let at = select(row + r < rows, row + r, rows - 1);
-                packed[r] = codes[(at * cols.div_ceil(32) + block) * 4 + w];
-            }
-            #[unroll]
-            for k in 0..group * tile {
-                parts[k] = F::new(0.0);
-            }
-            let base = block * 32 + w * 8;
-            #[unroll]
-            for i in 0..8usize {
-                #[unroll]
-                for r in 0..group {
-                    values[r] = F::cast_from(code_value(packed[r], i));
-                }
-                // Columns past the row's end (in its last block) read column 0 and count as 0:
-                // a select per activation, not a second copy of the loop to compile.
-                let inside = base + i < cols;
-                #[unroll]
-                for t in 0..tile {
-                    let token = select(first + t < tokens, first + t, tokens - 1);
-                    let at = token * x.stride(0) + select(inside, base + i, 0usize);
-                    let xv = F::cast_from(select(inside, x[at], f32::new(0.0)));
-                    #[unroll]
-                    for r in 0..group {
-                        parts[r * tile + t] += values[r] * xv;
-                    }
-                }
-            }
-            #[unroll]
-            for k in 0..group * tile {
-                sums[k] += f32::cast_from(parts[k]);
-            }
-        }
+        let blocks = cols.div_ceil(32);
+        let mut scale_words = Array::<u32>::new(group);
         #[unroll]
         for r in 0..group {
             let at = select(row + r < rows, row + r, rows - 1);
-            let scale = block_scale(scales, at, block, cols);
+            scale_words[r] = scales[at * cols.div_ceil(64) + pair];
+        }
+        let mut sums = Array::<f32>::new(group * tile);
+        let mut packed = Array::<u32>::new(group);
+        let mut values = Array::<F>::new(group);
+        let mut parts = Array::<F>::new(group * tile);
+        // A row with an odd number of blocks has one in its last pair.
+        let halves = select(pair * 2 + 1 < blocks, 2usize, 1usize);
+        for half in 0..halves {
+            let block = pair * 2 + half;
             #[unroll]
-            for t in 0..tile {
-                acc[r * tile + t] += sums[r * tile + t] * scale;
+            for k in 0..group * tile {
+                sums[k] = f32::new(0.0);
+            }
+            for w in 0..4usize {
+                #[unroll]
+                for r in 0..group {
+                    let at = select(row + r < rows, row + r, rows - 1);
+                    packed[r] = codes[(at * blocks + block) * 4 + w];
+                }
+                #[unroll]
+                for k in 0..group * tile {
+                    parts[k] = F::new(0.0);
+                }
+                let base = block * 32 + w * 8;
+                #[unroll]
+                for i in 0..8usize {
+                    #[unroll]
+                    for r in 0..group {
+                        values[r] = F::cast_from(code_value(packed[r], i));
+                    }
+                    // Columns past the row's end (in its last block) read column 0 and count
+                    // as 0: a select per activation, not a second copy of the loop to compile.
+                    let inside = base + i < cols;
+                    #[unroll]
+                    for t in 0..tile {
+                        let token = select(first + t < tokens, first + t, tokens - 1);
+                        let at = token * x_stride + select(inside, base + i, 0usize);
+                        let xv = F::cast_from(select(inside, x[at], f32::new(0.0)));
+                        #[unroll]
+                        for r in 0..group {
+                            parts[r * tile + t] += values[r] * xv;
+                        }
+                    }
+                }
+                #[unroll]
+                for k in 0..group * tile {
+                    sums[k] += f32::cast_from(parts[k]);
+                }
+            }
+            #[unroll]
+            for r in 0..group {
+                let scale = half_scale(scale_words[r], half);
+                #[unroll]
+                for t in 0..tile {
+                    acc[r * tile + t] += sums[r * tile + t] * scale;
+                }
             }
         }
     }
@@ -645,8 +664,8 @@ mod shader {
     /// `x` has unit column stride.
     /// - `plane` false: a worker is one thread, looping over its rows block by block. Needs
     ///   nothing beyond core WebGPU.
-    /// - `plane` true: a worker is one subgroup, whose lanes stride over the rows' blocks (so
-    ///   neighbouring lanes read neighbouring 16-byte blocks) and add their parts with
+    /// - `plane` true: a worker is one subgroup, whose lanes stride over the rows' block pairs
+    ///   (so neighbouring lanes read neighbouring 32-byte pairs) and add their parts with
     ///   `plane_sum`. Correct for any subgroup size: the plane's position and stride come from
     ///   `PLANE_DIM` at run time. Every lane reaches `plane_sum`, as WGSL's uniformity rule
     ///   requires: workers past the end run empty loops and write nothing.
@@ -681,18 +700,21 @@ mod shader {
         let valid = worker < row_groups * tokens.div_ceil(tile);
         let index = select(valid, worker, 0usize);
         let (row, first) = ((index % row_groups) * group, (index / row_groups) * tile);
-        let end = select(valid, cols.div_ceil(32), 0usize);
+        let end = select(valid, cols.div_ceil(64), 0usize);
         let mut acc = Array::<f32>::new(group * tile);
         #[unroll]
         for k in 0..group * tile {
             acc[k] = f32::new(0.0);
         }
-        let mut block = lane;
-        while block < end {
-            add_block::<F>(
-                x, codes, scales, row, rows, block, first, tokens, cols, &mut acc, group, tile,
+        // Read once: every `x.stride(0)` in the loop would be another storage load.
+        let x_stride = x.stride(0);
+        let mut pair = lane;
+        while pair < end {
+            add_block_pair::<F>(
+                x, codes, scales, row, rows, pair, first, tokens, cols, x_stride, &mut acc, group,
+                tile,
             );
-            block += lanes;
+            pair += lanes;
         }
         if plane {
             #[unroll]
@@ -1018,7 +1040,7 @@ pub fn layer_norm(
     // (every thread there repeats the statistics: 8 do it 8× cheaper than 64).
     let threads = match (plan.subgroups, plan.software) {
         (true, _) => subgroup_workgroup(&client).0,
-        (false, true) => SOFTWARE_LAYER_NORM_THREADS,
+        (false, true) => SOFTWARE_WORKGROUP,
         (false, false) => WORKGROUP,
     };
     unsafe {
@@ -1137,7 +1159,12 @@ fn gpu_matmul(
         let planes = (threads / plane_max) as usize;
         (groups.div_ceil(planes), threads)
     } else {
-        (groups.div_ceil(WORKGROUP as usize), WORKGROUP)
+        let threads = if plan.software {
+            SOFTWARE_WORKGROUP
+        } else {
+            WORKGROUP
+        };
+        (groups.div_ceil(threads as usize), threads)
     };
     let count = grid(count);
     let dim = CubeDim::new_1d(dim);
