@@ -6,10 +6,9 @@ cd "$(dirname "$0")/.."
 
 # Native wgpu on machines without a GPU: the suite runs on Mesa's llvmpipe through GL (hiding
 # the Vulkan ICDs makes wgpu pick it), the adapter closest to a browser's plain WebGPU (no
-# subgroups, no shader-f16). Then the 4-bit matmul and LayerNorm kernel tests and the f16
-# KV-cache test run again on lavapipe (Vulkan), which has both, so every kernel variant is
-# checked. A machine with a real
-# GPU can run `cargo test`.
+# subgroups, no shader-f16). Then the 4-bit matmul and LayerNorm kernel tests, the f16
+# KV-cache test and the CLI's `--kernels` test run again on lavapipe (Vulkan), which has both,
+# so every kernel variant is checked. A machine with a real GPU can run `cargo test`.
 no_gpu=""
 if [ -z "${PHI2_KEEP_VULKAN:-}" ] && ! ls /dev/dri/renderD* >/dev/null 2>&1 && ! command -v nvidia-smi >/dev/null; then
     no_gpu=1
@@ -23,6 +22,8 @@ if [ -n "$no_gpu" ]; then
     VK_ICD_FILENAMES="$lavapipe" PHI2_TEST_ALL_KERNELS=1 \
         cargo test --test bundle -- q4_matmul layer_norm_kernel --nocapture
     VK_ICD_FILENAMES="$lavapipe" PHI2_TEST_ALL_KERNELS=1 cargo test --test f16 -- --nocapture
+    VK_ICD_FILENAMES="$lavapipe" PHI2_TEST_ALL_KERNELS=1 \
+        cargo test --test cli -- every_kernel_choice --nocapture
 else
     cargo test --workspace --no-fail-fast
 fi

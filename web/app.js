@@ -3,6 +3,7 @@
 //
 // Query parameters make the page scriptable (used by the browser tests):
 //   ?model=URL&prompt=TEXT&max=N&backend=auto|webgpu|cpu&worker=0|1&temperature=T&autorun=1
+//   &kernels=auto|portable|subgroups (the package's `kernels` option)
 // With autorun=1 the page loads the model (in a worker unless worker=0), collects every progress
 // event, generates from the prompt as given (no format template; temperature 0 and 16 tokens
 // unless given), then writes
@@ -54,6 +55,8 @@ const state = {
   controller: null,
   /** Run the engine in a Web Worker (?worker=0 turns it off). */
   worker: params.get('worker') !== '0',
+  /** The package's `kernels` option (?kernels=portable, e.g. around a driver's subgroup bug). */
+  kernels: params.get('kernels') ?? 'auto',
   hasWebGPU: null,
   /** Chat mode: the transcript sent to the model, and its turns for display. */
   transcript: '',
@@ -339,6 +342,11 @@ function showModelInfo(model) {
     `${mb(info.totalBytes ?? 0)} MB of weights · loaded in ${fixed((info.loadMs ?? 0) / 1000)} s` +
     (state.worker ? '' : ' · on the page thread');
   const parts = [line];
+  if (info.device) {
+    const device = document.createElement('div');
+    device.textContent = `Adapter: ${info.device}`;
+    parts.push(device);
+  }
   for (const warning of info.warnings ?? []) {
     const w = document.createElement('div');
     w.className = 'warn';
@@ -371,6 +379,7 @@ async function loadModel(url, backend, onEvent = () => {}) {
     const model = await Phi2.load(url, {
       backend,
       worker: state.worker,
+      kernels: state.kernels,
       cache: true,
       signal: controller.signal,
       onProgress: (event) => {

@@ -10,7 +10,7 @@
 //!   ops in [`crate::model`]).
 //! - The plain copy behind the benchmark's bandwidth figure.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use burn::backend::wgpu::CubeTensor;
@@ -802,6 +802,57 @@ pub fn allow_f16(allow: bool) {
     F16.store(allow, Ordering::Relaxed);
 }
 
+/// Which kernels new weights and layers get ([`choose_kernels`]); the CLI's and the package's
+/// `kernels` option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum KernelChoice {
+    /// What the adapter offers: subgroup kernels where cubecl reports subgroups, threads
+    /// shaped for a software adapter on one, one output row per thread otherwise.
+    #[default]
+    Auto = 0,
+    /// One output row per thread and no subgroups: core WebGPU only, the way around a driver
+    /// whose subgroup operations misbehave.
+    Portable = 1,
+    /// One subgroup per output row, also on an adapter that calls itself software (cubecl
+    /// reports no subgroups there, though SwiftShader has them). The device needs the
+    /// `subgroups` feature: without it the first matmul fails to compile.
+    Subgroups = 2,
+}
+
+impl std::str::FromStr for KernelChoice {
+    type Err = crate::error::Error;
+
+    fn from_str(name: &str) -> crate::error::Result<Self> {
+        match name {
+            "auto" => Ok(KernelChoice::Auto),
+            "portable" => Ok(KernelChoice::Portable),
+            "subgroups" => Ok(KernelChoice::Subgroups),
+            other => Err(crate::error::Error::option(
+                "kernels",
+                format!("`{other}` is not one of auto, portable, subgroups"),
+            )),
+        }
+    }
+}
+
+/// See [`choose_kernels`].
+static KERNELS: AtomicU8 = AtomicU8::new(KernelChoice::Auto as u8);
+
+/// Sets which kernels weights uploaded and models built from now on get (process-wide, like
+/// [`allow_f16`]).
+pub fn choose_kernels(choice: KernelChoice) {
+    KERNELS.store(choice as u8, Ordering::Relaxed);
+}
+
+fn chosen_kernels() -> KernelChoice {
+    match KERNELS.load(Ordering::Relaxed) {
+        1 => KernelChoice::Portable,
+        2 => KernelChoice::Subgroups,
+        _ => KernelChoice::Auto,
+    }
+}
+
 /// The element type of new KV caches on `device`: f16 where offered and allowed
 /// ([`allow_f16`]), f32 otherwise (and always on the CPU backend).
 pub fn kv_cache_dtype(device: &Device) -> DType {
@@ -818,13 +869,31 @@ impl KernelPlan {
         software: false,
     };
 
-    /// The plan new weights get on `device`: subgroups when offered, f16 when offered and
-    /// allowed ([`allow_f16`]). `None` on the CPU backend (no kernels).
+    /// The plan new weights get on `device`: as [`choose_kernels`] says (by default what the
+    /// adapter offers), f16 when offered and allowed ([`allow_f16`]). `None` on the CPU
+    /// backend (no kernels).
     pub fn best(device: &Device) -> Option<KernelPlan> {
-        KernelPlan::offered(device).map(|plan| KernelPlan {
-            f16: plan.f16 && F16.load(Ordering::Relaxed),
-            ..plan
+        KernelPlan::offered(device).map(|offered| {
+            let f16 = offered.f16 && F16.load(Ordering::Relaxed);
+            let shape = match chosen_kernels() {
+                KernelChoice::Auto => offered,
+                KernelChoice::Portable => KernelPlan::PORTABLE,
+                KernelChoice::Subgroups => KernelPlan {
+                    subgroups: true,
+                    ..KernelPlan::PORTABLE
+                },
+            };
+            KernelPlan { f16, ..shape }
         })
+    }
+
+    /// How its matmul work is shared out, in words.
+    fn shape(&self) -> String {
+        let worker = if self.subgroups { "subgroup" } else { "thread" };
+        match self.software {
+            true => format!("a {worker} per {SOFTWARE_ROWS_PER_WORKER} output rows"),
+            false => format!("a {worker} per output row"),
+        }
     }
 
     /// Everything `device`'s adapter offers.
@@ -871,22 +940,23 @@ impl KernelPlan {
     }
 }
 
-/// What the device is, for benchmark reports: its adapter's name, what it offers and which
-/// kernels new weights get.
+/// What the device is, for benchmark reports and the package's `info.device`: its adapter's
+/// name, what it offers and which kernels new weights get.
 pub fn describe_device(device: &Device) -> String {
     match (KernelPlan::offered(device), KernelPlan::best(device)) {
         (Some(offered), Some(used)) => {
             let props = client_of(device).properties().clone();
             format!(
-                "{} (subgroups: {}, sizes {}-{}; shader-f16: {}; f16 products and KV cache: {}; \
-                 software adapter: {})",
+                "{} (subgroups: {}, sizes {}-{}; shader-f16: {}; software adapter: {}; \
+                 kernels: {}, f16 products and KV cache: {})",
                 props.identity.name,
                 offered.subgroups,
                 props.hardware.plane_size_min,
                 props.hardware.plane_size_max,
                 offered.f16,
+                offered.software,
+                used.shape(),
                 used.f16,
-                used.software
             )
         }
         _ => "cpu (burn-flex)".to_string(),

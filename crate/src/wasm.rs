@@ -126,22 +126,35 @@ fn parse_backend(backend: Option<String>) -> Result<BackendKind> {
     backend.as_deref().unwrap_or("webgpu").parse()
 }
 
+/// `kernels` ("auto", the default, "portable" or "subgroups"), set for the model about to load:
+/// see [`crate::kernels::KernelChoice`].
+fn choose_kernels(kernels: Option<String>) -> Result<()> {
+    let choice = kernels.as_deref().unwrap_or("auto").parse()?;
+    crate::kernels::choose_kernels(choice);
+    Ok(())
+}
+
 #[wasm_bindgen]
 pub struct Phi2Model {
     engine: Engine,
     backend: BackendKind,
+    /// The adapter and the kernels the model got ([`crate::kernels::describe_device`]).
+    device: String,
 }
 
 #[wasm_bindgen]
 impl Phi2Model {
     /// Loads a model directory — a bundle (`manifest.json`) or an HF checkpoint — from
-    /// `base_url` with plain requests, on `backend` ("webgpu", the default, or "cpu").
+    /// `base_url` with plain requests, on `backend` ("webgpu", the default, or "cpu"), with
+    /// `kernels` (see [`choose_kernels`]).
     pub async fn load(
         base_url: String,
         backend: Option<String>,
+        kernels: Option<String>,
     ) -> std::result::Result<Phi2Model, JsValue> {
         console_error_panic_hook::set_once();
         let backend = parse_backend(backend).map_err(js_error)?;
+        choose_kernels(kernels).map_err(js_error)?;
         let device = backend.device().await.map_err(js_error)?;
         let base = if base_url.ends_with('/') {
             base_url
@@ -152,6 +165,13 @@ impl Phi2Model {
             .await
             .map_err(js_error)?;
         Ok(Phi2Model::new(model, tokenizer, backend))
+    }
+
+    /// The adapter (what it offers) and the kernels this model runs, as `phi2 bench` reports
+    /// them; "cpu (burn-flex)" on the CPU backend.
+    #[wasm_bindgen(getter)]
+    pub fn device(&self) -> String {
+        self.device.clone()
     }
 
     #[wasm_bindgen(getter, js_name = backendName)]
@@ -273,6 +293,7 @@ impl Phi2Model {
 impl Phi2Model {
     fn new(model: Phi, tokenizer: PhiTokenizer, backend: BackendKind) -> Self {
         Phi2Model {
+            device: crate::kernels::describe_device(model.device()),
             engine: Rc::new(RefCell::new(Some(Loaded {
                 model,
                 tokenizer,
@@ -393,15 +414,18 @@ pub struct BundleLoading {
 #[wasm_bindgen]
 impl BundleLoading {
     /// Checks the manifest (`manifest_url` names it in errors) and acquires the device.
-    /// `f16`: see [`crate::kernels::allow_f16`] (default false).
+    /// `f16`: see [`crate::kernels::allow_f16`] (default false); `kernels`: see
+    /// [`choose_kernels`].
     pub async fn start(
         manifest: Vec<u8>,
         manifest_url: String,
         backend: Option<String>,
         f16: Option<bool>,
+        kernels: Option<String>,
     ) -> std::result::Result<BundleLoading, JsValue> {
         console_error_panic_hook::set_once();
         crate::kernels::allow_f16(f16.unwrap_or(false));
+        choose_kernels(kernels).map_err(js_error)?;
         let manifest = parse_manifest(&manifest, &manifest_url).map_err(js_error)?;
         let backend = parse_backend(backend).map_err(js_error)?;
         let device = backend.device().await.map_err(js_error)?;

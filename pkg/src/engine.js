@@ -17,6 +17,8 @@ const ATTEMPTS = 4;
 const RETRY_DELAY_MS = 500;
 /** A download attempt that receives nothing for this long is abandoned and retried (default). */
 const STALL_MS = 30_000;
+/** The `kernels` option's values (see the package README). */
+const KERNELS = ['auto', 'portable', 'subgroups'];
 
 let wasmReady = null;
 let wasmMemory = null;
@@ -189,12 +191,13 @@ export class Engine {
    * Loads the bundle at `url` (its folder or manifest URL, absolute). Options: `onProgress`,
    * `signal`, `cache` (default true), `backend` ('auto' | 'webgpu' | 'cpu'), `concurrency`,
    * `wasmUrl`, `stallTimeoutMs` (default 30 000: a download receiving nothing that long is retried),
-   * `f16` (default false: see the package README).
+   * `f16` (default false: see the package README), `kernels` ('auto' | 'portable' | 'subgroups').
    */
   static async load(url, options = {}) {
     const {
       onProgress = () => {}, signal: callerSignal, cache: useCache = true, backend = 'auto',
       concurrency = DEFAULT_CONCURRENCY, wasmUrl, stallTimeoutMs: stallMs = STALL_MS, f16 = false,
+      kernels = 'auto',
     } = options;
     // Ends the downloads still running when the load fails (or the caller aborts it).
     const stopDownloads = new AbortController();
@@ -208,11 +211,18 @@ export class Engine {
     if (!(Number.isFinite(stallMs) && stallMs > 0)) {
       throw new Phi2Error('OptionError', `stallTimeoutMs ${stallMs} is not a positive number of milliseconds`, { option: 'stallTimeoutMs' });
     }
+    if (!KERNELS.includes(kernels)) {
+      throw new Phi2Error('OptionError', `kernels "${kernels}" is not one of ${KERNELS.join(', ')}`, { option: 'kernels' });
+    }
     callerSignal?.throwIfAborted();
     const started = performance.now();
     await startWasm(wasmUrl);
     const chosen = await chooseBackend(backend);
     if (chosen.backend === 'webgpu' && deviceLost()) throw modelError();
+    // Subgroup kernels on an adapter without the feature would fail to compile mid-load.
+    if (kernels === 'subgroups' && chosen.adapter && !chosen.adapter.features.has('subgroups')) {
+      throw new Phi2Error('OptionError', 'kernels "subgroups" needs a WebGPU adapter with the subgroups feature; this one has none', { option: 'kernels' });
+    }
     const cache = useCache ? await openCache() : null;
     const warnings = new Set();
     const href = manifestUrl(url);
@@ -221,7 +231,7 @@ export class Engine {
     let loading;
     try {
       // The engine checks the manifest before anything else is fetched.
-      loading = await BundleLoading.start(manifestFile.bytes, href, chosen.backend, Boolean(f16));
+      loading = await BundleLoading.start(manifestFile.bytes, href, chosen.backend, Boolean(f16), kernels);
     } catch (error) {
       throw Phi2Error.from(error);
     }
@@ -314,9 +324,9 @@ export class Engine {
       report('compile', chunks);
       return new Engine(model, {
         backend: chosen.backend,
+        device: model.device,
         contextLength: model.contextLength,
         totalBytes,
-        
         loadMs: performance.now() - started,
         peakBufferedBytes,
         wasmMemoryBytes: wasmMemoryBytes(),

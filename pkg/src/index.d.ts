@@ -70,6 +70,13 @@ export interface LoadOptions {
    * greedy tokens can differ from the reference.
    */
   f16?: boolean;
+  /**
+   * GPU kernels: 'auto' (default: what the adapter offers), 'portable' (a thread per output
+   * row, no subgroups: core WebGPU only, a way around a driver with subgroup bugs), or
+   * 'subgroups' (a subgroup per output row, also on a fallback adapter; needs the adapter's
+   * `subgroups` feature). Ignored on the CPU backend.
+   */
+  kernels?: 'auto' | 'portable' | 'subgroups';
 }
 
 export interface GenerateOptions {
@@ -135,6 +142,8 @@ export interface BenchReport {
 
 export interface ModelInfo {
   backend: Backend;
+  /** The adapter, what it offers and which kernels the model runs; "cpu (burn-flex)" on the CPU. */
+  device: string;
   contextLength: number;
   totalBytes: number;
   loadMs: number;

@@ -161,7 +161,7 @@ export class Phi2 {
    * Options: `onProgress(event)`, `signal`, `cache` (default true), `worker` (default true),
    * `backend` ('auto' (default: WebGPU, else the CPU), 'webgpu', 'cpu'), `concurrency`
    * (parallel chunk downloads, default 3), `stallTimeoutMs` (default 30000), `f16`
-   * (default false), `workerUrl` and `wasmUrl` (where the package's worker.js and wasm file are
+   * (default false), `kernels` (default 'auto'), `workerUrl` and `wasmUrl` (where the package's worker.js and wasm file are
    * served, when a bundler moved them).
    */
   static async load(url, options = {}) {

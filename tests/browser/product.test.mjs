@@ -157,7 +157,7 @@ test('the bench page measures the tiny bundle on WebGPU (a smoke run: figures pr
   }
 });
 
-test('the demo page loads a bundle through the worker with progress, matches the CLI, then loads from cache and offline', TIMEOUT, async () => {
+test('the demo page loads a bundle through the worker with progress, matches the CLI, then loads from cache (with subgroup kernels) and offline', TIMEOUT, async () => {
   const context = await browser.newContext();
   try {
     // First visit: everything from the network.
@@ -173,12 +173,17 @@ test('the demo page loads a bundle through the worker with progress, matches the
     assertProgress(first.result.progress, { fromCache: false });
     assert.equal(chunkRequests(mark).length, first.result.progress[0].chunks);
     assert.equal(first.result.stats.stopReason, 'length');
+    // SwiftShader is a fallback adapter: by default it gets the kernels shaped for a CPU.
+    assert.match(first.result.info.device, /software adapter: true; kernels: a thread per 16 output rows/);
 
-    // Second visit: no chunk is requested again.
+    // Second visit: no chunk is requested again. It also runs the kernels a GPU with subgroups
+    // gets (SwiftShader has subgroups; cubecl does not offer them on a fallback adapter), so
+    // the browser's shader compiler checks them too, and they must give the same tokens.
     mark = server.requests.length;
-    const second = await withPage(context, (page) => pageResult(page, demoUrl({ model: bundleUrl, backend: 'webgpu' })));
+    const second = await withPage(context, (page) => pageResult(page, demoUrl({ model: bundleUrl, backend: 'webgpu', kernels: 'subgroups' })));
     assert.equal(second.isError, false, JSON.stringify(second.result.error));
-    assertSameAsNative(second.result, native.bundle, 'demo page, from cache');
+    assert.match(second.result.info.device, /kernels: a subgroup per output row,/);
+    assertSameAsNative(second.result, native.bundle, 'demo page, from cache, subgroup kernels');
     assertProgress(second.result.progress, { fromCache: true });
     assert.deepEqual(chunkRequests(mark), [], 'a cached load requested chunks');
 
@@ -268,6 +273,7 @@ test('bad input gives typed errors (name, message, details) that cross the worke
         out.push(await caught('missing bundle', () => Phi2.load('../tests/fixtures/does-not-exist/')));
         out.push(await caught('not a bundle', () => Phi2.load('../tests/fixtures/phi-tok/config.json')));
         out.push(await caught('bad backend', () => Phi2.load(bundle, { backend: 'tpu' })));
+        out.push(await caught('bad kernels', () => Phi2.load(bundle, { kernels: 'fast' })));
         out.push(await caught('generate before load', () => drain(new Phi2().generate('hi'))));
         const model = await Phi2.load(bundle);
         out.push(await caught('temperature', () => drain(model.generate('hi', { temperature: -1 }))));
@@ -288,6 +294,11 @@ test('bad input gives typed errors (name, message, details) that cross the worke
         });
         out.push(await caught('buffer limits', () => Phi2.load(bundle, { worker: false, cache: false })));
         Object.defineProperty(GPUAdapter.prototype, 'limits', limits);
+        // An adapter without subgroups asked for subgroup kernels (features patched).
+        const features = Object.getOwnPropertyDescriptor(GPUAdapter.prototype, 'features');
+        Object.defineProperty(GPUAdapter.prototype, 'features', { configurable: true, get: () => new Set() });
+        out.push(await caught('subgroups missing', () => Phi2.load(bundle, { worker: false, cache: false, kernels: 'subgroups' })));
+        Object.defineProperty(GPUAdapter.prototype, 'features', features);
         return out;
       }, { bundle: bundleUrl });
     });
@@ -296,6 +307,8 @@ test('bad input gives typed errors (name, message, details) that cross the worke
       'missing bundle': ['LoadError', /does-not-exist/, { file: /does-not-exist\/manifest\.json/ }],
       'not a bundle': ['FormatError', /config\.json/, { file: /config\.json/ }],
       'bad backend': ['OptionError', /tpu/, { option: /^backend$/ }],
+      'bad kernels': ['OptionError', /fast/, { option: /^kernels$/ }],
+      'subgroups missing': ['OptionError', /subgroups feature/, { option: /^kernels$/ }],
       'generate before load': ['StateError', /Phi2\.load/, {}],
       temperature: ['OptionError', /-1/, { option: /^temperature$/ }],
       maxTokens: ['OptionError', /many/, { option: /^maxTokens$/ }],
@@ -454,7 +467,7 @@ test('the TypeScript typings compile for correct use and reject wrong use', { ti
   const good = `
     import { Phi2, Phi2Error, type LoadProgress, type GenerationStats } from 'phi2-web';
     const progress: LoadProgress[] = [];
-    const model: Phi2 = await Phi2.load('models/phi-2/', { onProgress: (e) => progress.push(e), cache: true, worker: true, signal: new AbortController().signal });
+    const model: Phi2 = await Phi2.load('models/phi-2/', { onProgress: (e) => progress.push(e), cache: true, worker: true, signal: new AbortController().signal, kernels: 'portable' });
     let text = '';
     for await (const { text: piece, tokenId } of model.generate('Instruct: hi\\nOutput:', { maxTokens: 8, temperature: 0.7, topK: 40, topP: 0.9, repetitionPenalty: 1.1, seed: 1, stop: ['\\n'] })) {
       text += piece + tokenId.toFixed(0);
@@ -463,18 +476,20 @@ test('the TypeScript typings compile for correct use and reject wrong use', { ti
     const reason: 'eos' | 'stop' | 'length' | 'cancelled' | null | undefined = stats?.stopReason;
     try { await model.unload(); } catch (e) { if (e instanceof Phi2Error) console.log(e.name, e.details.tensor, reason, text); }
     const cached: boolean = await Phi2.isCached('models/phi-2/') && await Phi2.deleteCache('models/phi-2/') && await Phi2.hasWebGPU();
-    console.log(cached, model.info?.backend === 'webgpu');
+    console.log(cached, model.info?.backend === 'webgpu', model.info?.device.length);
   `;
   const tsc = path.join(TESTS, 'node_modules', '.bin', 'tsc');
   writeFileSync(path.join(dir, 'app.ts'), good);
   execFileSync(tsc, ['-p', dir], { stdio: 'inherit' });
-  // One mistake per line: a wrong option type, prompt type, generate option type, item field.
+  // One mistake per line: a wrong option type, prompt type, generate option type, item field,
+  // kernels value.
   writeFileSync(path.join(dir, 'app.ts'), [
     "import { Phi2 } from 'phi2-web';",
     "const model = await Phi2.load('x', { cache: 'yes' });",
     'model.generate(42);',
     "model.generate('x', { maxTokens: '8' });",
     "for await (const token of model.generate('x')) console.log(token.txt);",
+    "await Phi2.load('x', { kernels: 'fast' });",
   ].join('\n'));
   let output = '';
   assert.throws(() => {
@@ -485,5 +500,5 @@ test('the TypeScript typings compile for correct use and reject wrong use', { ti
       throw e;
     }
   }, 'wrong use must not compile');
-  for (const line of [2, 3, 4, 5]) assert.match(output, new RegExp(`app\\.ts\\(${line},`), `no error on line ${line}:\n${output}`);
+  for (const line of [2, 3, 4, 5, 6]) assert.match(output, new RegExp(`app\\.ts\\(${line},`), `no error on line ${line}:\n${output}`);
 });

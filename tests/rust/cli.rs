@@ -50,32 +50,77 @@ fn ids(value: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// `phi2 generate --json`, greedy, for `max` tokens on the phi-tok fixture, with `run_on`
+/// (backend and kernel options).
+fn greedy_on_phi_tok(prompt: &str, max: usize, run_on: &[&str]) -> Value {
+    let model = fixture("phi-tok");
+    let max = max.to_string();
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        &max,
+        "--temperature",
+        "0",
+        "--json",
+    ];
+    args.extend_from_slice(run_on);
+    json_stdout(&args)
+}
+
 #[test]
 fn generate_json_matches_transformers_greedy() {
-    let model = fixture("phi-tok");
-    let model = model.to_str().unwrap();
     for case in reference("phi-tok").cases {
         let prompt = case.prompt.expect("phi-tok cases have prompts");
-        let max = case.greedy_ids.len().to_string();
-        let out = json_stdout(&[
-            "generate",
-            "--model",
-            model,
-            "--prompt",
-            &prompt,
-            "--max-tokens",
-            &max,
-            "--temperature",
-            "0",
-            "--backend",
-            "cpu",
-            "--json",
-        ]);
+        let out = greedy_on_phi_tok(&prompt, case.greedy_ids.len(), &["--backend", "cpu"]);
         assert_eq!(ids(&out["prompt_ids"]), case.ids);
         assert_eq!(ids(&out["generated_ids"]), case.greedy_ids);
         assert_eq!(out["stop_reason"], "length");
         assert!(out["text"].is_string());
     }
+}
+
+/// Every `--kernels` choice gives transformers' greedy tokens on the GPU backend. `subgroups`
+/// runs where scripts/test.sh sets `PHI2_TEST_ALL_KERNELS=1` (lavapipe, which has subgroups);
+/// the main suite's GL adapter has none.
+#[test]
+fn every_kernel_choice_matches_transformers_greedy_on_the_gpu() {
+    let case = &reference("phi-tok").cases[0];
+    let prompt = case.prompt.as_deref().expect("phi-tok cases have prompts");
+    let mut choices = vec!["auto", "portable"];
+    if std::env::var("PHI2_TEST_ALL_KERNELS").is_ok_and(|v| v == "1") {
+        choices.push("subgroups");
+    }
+    for kernels in choices {
+        let run_on = ["--backend", "wgpu", "--kernels", kernels];
+        let out = greedy_on_phi_tok(prompt, case.greedy_ids.len(), &run_on);
+        assert_eq!(
+            ids(&out["generated_ids"]),
+            case.greedy_ids,
+            "--kernels {kernels}"
+        );
+    }
+    // An unknown choice is a usage error (clap's exit code 2) naming the option and the value.
+    let model = fixture("phi-tok");
+    let model = model.to_str().unwrap();
+    let out = phi2(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--kernels",
+        "fast",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`kernels`") && stderr.contains("fast"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
 
+use phi2_web::kernels::KernelChoice;
 use phi2_web::weights::convert::{convert_gguf, convert_hf, synthesize, Summary};
 use phi2_web::weights::load_dir;
 use phi2_web::{
@@ -115,6 +116,10 @@ struct ModelArgs {
     /// (half its memory). Logits move by ~1e-2; greedy tokens can change.
     #[arg(long)]
     f16: bool,
+    /// GPU kernels: auto (what the adapter offers), portable (a thread per output row, no
+    /// subgroups), or subgroups (also on a software adapter; needs the subgroups feature).
+    #[arg(long, default_value = "auto")]
+    kernels: KernelChoice,
 }
 
 #[derive(Args)]
@@ -188,6 +193,7 @@ fn main() -> ExitCode {
 
 fn load(args: &ModelArgs) -> Result<(phi2_web::Phi, PhiTokenizer)> {
     phi2_web::kernels::allow_f16(args.f16);
+    phi2_web::kernels::choose_kernels(args.kernels);
     let device = block_on(args.backend.device())?;
     load_dir(&args.model, &device)
 }
