@@ -4,6 +4,7 @@
 // memory, and the most chunk bytes the loader held at once. Not a test: it asserts nothing.
 //
 //   node tests/browser/bench-load.mjs BUNDLE_DIR [--backend webgpu|cpu] [--tokens N]
+//                                     [--kernels auto|portable|subgroups]
 //                                     [--bench PROMPT_TOKENS,GEN_TOKENS,COPY_MB]
 //
 // --bench also runs `model.bench()` (what web/bench.html and `phi2 bench` run) after the cached
@@ -28,6 +29,7 @@ const option = (name, fallback) => {
 };
 const bundleDir = path.resolve(args.find((a, i) => !a.startsWith('--') && !args[i - 1]?.startsWith('--')) ?? '/tmp/phi2-synth');
 const backend = option('--backend', 'webgpu');
+const kernels = option('--kernels', 'auto');
 const tokens = Number(option('--tokens', '4'));
 const bench = option('--bench', null)?.split(',').map(Number);
 if (!existsSync(path.join(bundleDir, 'manifest.json'))) {
@@ -67,10 +69,10 @@ const sampler = (async () => {
 
 async function load(label) {
   peakHeap = 0;
-  const figures = await page.evaluate(async ({ backend, tokens, bench }) => {
+  const figures = await page.evaluate(async ({ backend, kernels, tokens, bench }) => {
     const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
     const started = performance.now();
-    const model = await Phi2.load('../target/bench-bundle/', { worker: false, backend });
+    const model = await Phi2.load('../target/bench-bundle/', { worker: false, backend, kernels });
     const loadMs = performance.now() - started;
     let generated = 0;
     if (tokens > 0) {
@@ -82,7 +84,7 @@ async function load(label) {
     const result = { loadMs, info: model.info, stats: model.stats, generated, report };
     await model.unload();
     return result;
-  }, { backend, tokens, bench: label === 'cache' ? bench : null });
+  }, { backend, kernels, tokens, bench: label === 'cache' ? bench : null });
   await new Promise((resolve) => setTimeout(resolve, 300));
   return { label, ...figures, peakJsHeapBytes: peakHeap };
 }

@@ -137,10 +137,10 @@ test('the wasm export (for await over generate) on a checkpoint and a bundle equ
   }
 });
 
-test('the bench page measures the tiny bundle on WebGPU (a smoke run: figures present, no timing asserted)', TIMEOUT, async () => {
+test('the bench page measures the tiny bundle on WebGPU with the portable kernels (a smoke run: figures present, no timing asserted)', TIMEOUT, async () => {
   const context = await browser.newContext();
   try {
-    const url = `${server.url}web/bench.html?${new URLSearchParams({ model: bundleUrl, backend: 'webgpu', prompt: '8', gen: '4', copy: '4', autorun: '1' })}`;
+    const url = `${server.url}web/bench.html?${new URLSearchParams({ model: bundleUrl, backend: 'webgpu', kernels: 'portable', prompt: '8', gen: '4', copy: '4', autorun: '1' })}`;
     const { result, isError } = await withPage(context, (page) => pageResult(page, url));
     assert.equal(isError, false, JSON.stringify(result.error));
     assert.equal(result.backend, 'webgpu');
@@ -152,6 +152,7 @@ test('the bench page measures the tiny bundle on WebGPU (a smoke run: figures pr
     }
     assert.equal(result.copyBytes, 4 * 2 ** 20);
     assert.match(result.device, /subgroups: (true|false)/);
+    assert.match(result.device, /kernels: a thread per output row,/);
   } finally {
     await context.close();
   }
