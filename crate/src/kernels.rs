@@ -527,6 +527,11 @@ mod shader {
     /// tokens: on adapters that emulate a GPU on a CPU every load is a loop over the lanes, and
     /// loads are the cost. The products and each word's sum are in `F` (f32, or f16 where the
     /// adapter has `shader-f16`), each block's sum in f32, scaled once.
+    ///
+    /// `scaled` (f32 only) unpacks without shifts: code i's nibble masked in place, less 8
+    /// there, is its value times 16^i (exactly, also in f32), and its activation times 16^-i
+    /// makes the same product. SwiftShader's JIT (Subzero) runs every vector shift lane by
+    /// lane; masks, a subtraction and a signed conversion are whole-vector instructions.
     #[cube]
     #[allow(clippy::too_many_arguments)] // two blocks of a group of rows, for a group of tokens
     fn add_block_pair<F: Float>(
@@ -543,6 +548,7 @@ mod shader {
         acc: &mut Array<f32>,
         #[comptime] group: usize,
         #[comptime] tile: usize,
+        #[comptime] scaled: bool,
     ) {
         let blocks = cols.div_ceil(32);
         let mut scale_words = Array::<u32>::new(group);
@@ -574,11 +580,22 @@ mod shader {
                     parts[k] = F::new(0.0);
                 }
                 let base = block * 32 + w * 8;
+                // For `scaled`: code i's mask, its offset (8 in place) and 16^-i.
+                let mut mask = 15u32;
+                let mut offset = 8u32;
+                let mut scale = f32::new(1.0);
                 #[unroll]
                 for i in 0..8usize {
                     #[unroll]
                     for r in 0..group {
-                        values[r] = F::cast_from(code_value(packed[r], i));
+                        if scaled {
+                            // Wrapping u32: for code 7 the difference is its value's two's
+                            // complement, read as i32.
+                            let value = i32::cast_from((packed[r] & mask) - offset);
+                            values[r] = F::cast_from(value);
+                        } else {
+                            values[r] = F::cast_from(code_value(packed[r], i));
+                        }
                     }
                     // Columns past the row's end (in its last block) read column 0 and count
                     // as 0: a select per activation, not a second copy of the loop to compile.
@@ -587,11 +604,16 @@ mod shader {
                     for t in 0..tile {
                         let token = select(first + t < tokens, first + t, tokens - 1);
                         let at = token * x_stride + select(inside, base + i, 0usize);
-                        let xv = F::cast_from(select(inside, x[at], f32::new(0.0)));
+                        let xv = F::cast_from(select(inside, x[at], f32::new(0.0)) * scale);
                         #[unroll]
                         for r in 0..group {
                             parts[r * tile + t] += values[r] * xv;
                         }
+                    }
+                    if scaled {
+                        mask *= 16u32;
+                        offset *= 16u32;
+                        scale *= f32::new(0.0625);
                     }
                 }
                 #[unroll]
@@ -669,6 +691,7 @@ mod shader {
     ///   `plane_sum`. Correct for any subgroup size: the plane's position and stride come from
     ///   `PLANE_DIM` at run time. Every lane reaches `plane_sum`, as WGSL's uniformity rule
     ///   requires: workers past the end run empty loops and write nothing.
+    /// - `scaled`: codes unpacked without shifts (see [`add_block_pair`]); f32 products only.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)] // the matmul's operands, shape and epilogue
     pub fn q4_matmul_kernel<F: Float>(
@@ -686,6 +709,7 @@ mod shader {
         #[comptime] tile: usize,
         #[comptime] add_residual: bool,
         #[comptime] plane: bool,
+        #[comptime] scaled: bool,
     ) {
         let mut worker = ABSOLUTE_POS;
         let mut lane = 0usize;
@@ -712,7 +736,7 @@ mod shader {
         while pair < end {
             add_block_pair::<F>(
                 x, codes, scales, row, rows, pair, first, tokens, cols, x_stride, &mut acc, group,
-                tile,
+                tile, scaled,
             );
             pair += lanes;
         }
@@ -1264,6 +1288,8 @@ fn gpu_matmul(
                     tile,
                     residual.is_some(),
                     plan.subgroups,
+                    // Shifts are cheap on GPUs; 16^±7 does not fit f16.
+                    plan.software && !plan.f16,
                 )
             }
         };
