@@ -263,29 +263,30 @@ fn cpu_matmul(x: Tensor<2>, matrix: &Q4Matrix, bias: &Tensor<1>) -> Tensor<2> {
 mod shader {
     use cubecl::prelude::*;
 
-    /// f16 bits (in the low 16 bits of a u32) to f32, with integer operations only: the shader
-    /// needs no `shader-f16`. Zero and subnormals (never produced by the quantizer except zero)
-    /// map to 0.
-    #[cube]
-    fn half_to_f32(bits: u32) -> f32 {
-        let sign = (bits >> 15) << 31;
-        let exponent = (bits >> 10) & 31u32;
-        let mantissa = bits & 1023u32;
-        let normal = sign | ((exponent + 112u32) << 23) | (mantissa << 13);
-        f32::reinterpret(select(exponent != 0u32, normal, sign))
-    }
-
     /// The scale of block `block` of row `row` of a matrix `cols` wide: two f16 scales per
     /// word, each row starting on a word of its own ([`crate::quant::Q4Matrix::row_scale_words`]).
     #[cube]
     fn block_scale(scales: &[u32], row: usize, block: usize, cols: usize) -> f32 {
-        half_scale(scales[row * cols.div_ceil(64) + block / 2], block % 2)
+        scale_in_word(scales[row * cols.div_ceil(64) + block / 2], block % 2 == 1)
     }
 
-    /// Scale `half` (0: low, 1: high) of a scale word.
+    /// The f16 scale in the low (or `high`) half of a scale word, as f32, without `shader-f16`
+    /// and without shifts (see [`add_block_pair`]): masks pick the half's bits where they are,
+    /// and a multiplication through f32 (exact: 15 significant bits) moves sign, exponent and
+    /// mantissa to their f32 places. Zero and subnormals (never produced by the quantizer except
+    /// zero) read as 0.
     #[cube]
-    fn half_scale(word: u32, half: usize) -> f32 {
-        half_to_f32((word >> u32::cast_from(half * 16)) & 65535u32)
+    fn scale_in_word(word: u32, high: bool) -> f32 {
+        let sign = (word & select(high, 0x8000_0000u32, 0x8000u32)) * select(high, 1u32, 65536u32);
+        let magnitude = f32::cast_from(i32::cast_from(
+            word & select(high, 0x7fff_0000u32, 0x7fffu32),
+        ));
+        let to_f32_place = select(high, f32::new(0.125), f32::new(8192.0));
+        let moved = u32::cast_from(i32::cast_from(magnitude * to_f32_place));
+        // f16's exponent bias is 15, f32's 127.
+        let normal = sign | (moved + 0x3800_0000u32);
+        let exponent = word & select(high, 0x7c00_0000u32, 0x7c00u32);
+        f32::reinterpret(select(exponent != 0u32, normal, sign))
     }
 
     /// The signed value (-8..7) of code `i` (0..8) of a packed word, low nibble first.
@@ -623,7 +624,7 @@ mod shader {
             }
             #[unroll]
             for r in 0..group {
-                let scale = half_scale(scale_words[r], half);
+                let scale = scale_in_word(scale_words[r], half == 1);
                 #[unroll]
                 for t in 0..tile {
                     acc[r * tile + t] += sums[r * tile + t] * scale;
