@@ -552,11 +552,12 @@ mod shader {
         #[comptime] scaled: bool,
     ) {
         let blocks = cols.div_ceil(32);
+        let mut row_at = Array::<usize>::new(group);
         let mut scale_words = Array::<u32>::new(group);
         #[unroll]
         for r in 0..group {
-            let at = select(row + r < rows, row + r, rows - 1);
-            scale_words[r] = scales[at * cols.div_ceil(64) + pair];
+            row_at[r] = select(row + r < rows, row + r, rows - 1);
+            scale_words[r] = scales[row_at[r] * blocks.div_ceil(2) + pair];
         }
         let mut sums = Array::<f32>::new(group * tile);
         let mut packed = Array::<u32>::new(group);
@@ -573,8 +574,7 @@ mod shader {
             for w in 0..4usize {
                 #[unroll]
                 for r in 0..group {
-                    let at = select(row + r < rows, row + r, rows - 1);
-                    packed[r] = codes[(at * blocks + block) * 4 + w];
+                    packed[r] = codes[(row_at[r] * blocks + block) * 4 + w];
                 }
                 #[unroll]
                 for k in 0..group * tile {
@@ -605,7 +605,11 @@ mod shader {
                     for t in 0..tile {
                         let token = select(first + t < tokens, first + t, tokens - 1);
                         let at = token * x_stride + select(inside, base + i, 0usize);
-                        let xv = F::cast_from(select(inside, x[at], f32::new(0.0)) * scale);
+                        let mut xv = select(inside, x[at], f32::new(0.0));
+                        if scaled {
+                            xv *= scale;
+                        }
+                        let xv = F::cast_from(xv);
                         #[unroll]
                         for r in 0..group {
                             parts[r * tile + t] += values[r] * xv;
