@@ -45,14 +45,25 @@ impl BackendKind {
     }
 }
 
+/// Natively the device is also checked against the kernels chosen: cubecl reports subgroups
+/// only for adapters that are not CPUs, so whether subgroup kernels can run comes from wgpu's
+/// device. (In the browser wgpu cannot see that feature; the package checks the adapter.)
 #[cfg(not(target_arch = "wasm32"))]
 async fn wgpu_device() -> Result<Device> {
-    static DEVICE: std::sync::OnceLock<std::result::Result<Device, String>> =
+    use burn::tensor::wgpu::wgpu::Features;
+    static DEVICE: std::sync::OnceLock<std::result::Result<(Device, bool), String>> =
         std::sync::OnceLock::new();
-    DEVICE
-        .get_or_init(|| Device::wgpu_options().init().map_err(|e| e.to_string()))
+    let (device, subgroups) = DEVICE
+        .get_or_init(|| {
+            let (device, setup) = Device::wgpu_options()
+                .init_with_setup()
+                .map_err(|e| e.to_string())?;
+            Ok((device, setup.device.features().contains(Features::SUBGROUP)))
+        })
         .clone()
-        .map_err(|e| Error::Device(format!("no wgpu adapter: {e}")))
+        .map_err(|e| Error::Device(format!("no wgpu adapter: {e}")))?;
+    crate::kernels::check_kernel_choice(&device, subgroups)?;
+    Ok(device)
 }
 
 #[cfg(target_arch = "wasm32")]

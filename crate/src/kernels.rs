@@ -845,7 +845,7 @@ pub enum KernelChoice {
     Portable = 1,
     /// One subgroup per output row, also on an adapter that calls itself software (cubecl
     /// reports no subgroups there, though SwiftShader has them). The device needs the
-    /// `subgroups` feature: without it the first matmul fails to compile.
+    /// `subgroups` feature ([`check_kernel_choice`]).
     Subgroups = 2,
 }
 
@@ -880,6 +880,23 @@ fn chosen_kernels() -> KernelChoice {
         2 => KernelChoice::Subgroups,
         _ => KernelChoice::Auto,
     }
+}
+
+/// Fails when the kernels chosen ([`choose_kernels`]) need what `device` lacks: subgroup
+/// kernels on an adapter without the `subgroups` feature would fail to compile at the first
+/// matmul, deep inside generation.
+pub fn check_kernel_choice(device: &Device, subgroups: bool) -> crate::error::Result<()> {
+    if chosen_kernels() == KernelChoice::Subgroups && !subgroups {
+        let adapter = client_of(device).properties().identity.name.clone();
+        return Err(crate::error::Error::option(
+            "kernels",
+            format!(
+                "`subgroups` needs the adapter's subgroups feature, which this adapter \
+                 (`{adapter}`) lacks: use auto or portable"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The element type of new KV caches on `device`: f16 where offered and allowed

@@ -127,7 +127,9 @@ fn parse_backend(backend: Option<String>) -> Result<BackendKind> {
 }
 
 /// `kernels` ("auto", the default, "portable" or "subgroups"), set for the model about to load:
-/// see [`crate::kernels::KernelChoice`].
+/// see [`crate::kernels::KernelChoice`]. Here "auto" is what cubecl sees, and through wgpu's
+/// WebGPU backend it never sees subgroups: the package resolves "auto" against the adapter's
+/// features before it calls in (pkg/src/webgpu.js `resolveKernels`).
 fn choose_kernels(kernels: Option<String>) -> Result<()> {
     let choice = kernels.as_deref().unwrap_or("auto").parse()?;
     crate::kernels::choose_kernels(choice);

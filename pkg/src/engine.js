@@ -5,7 +5,9 @@
 import initWasm, { BundleLoading } from './wasm/phi2_web.js';
 import { manifestUrl, openCache } from './cache.js';
 import { abortError, Phi2Error } from './errors.js';
-import { deviceLost, gpuAdapter, maxBufferBytes, watchDevices } from './webgpu.js';
+import {
+  deviceLost, gpuAdapter, maxBufferBytes, resolveKernels, watchDevices,
+} from './webgpu.js';
 
 const DEFAULT_CONCURRENCY = 3;
 /**
@@ -231,7 +233,9 @@ export class Engine {
     let loading;
     try {
       // The engine checks the manifest before anything else is fetched.
-      loading = await BundleLoading.start(manifestFile.bytes, href, chosen.backend, Boolean(f16), kernels);
+      loading = await BundleLoading.start(
+        manifestFile.bytes, href, chosen.backend, Boolean(f16), resolveKernels(kernels, chosen.adapter),
+      );
     } catch (error) {
       throw Phi2Error.from(error);
     }

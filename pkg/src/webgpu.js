@@ -47,6 +47,18 @@ export async function gpuAdapter() {
   }
 }
 
+/**
+ * The `kernels` option with 'auto' made explicit where the engine cannot see for itself: cubecl
+ * learns of subgroups through wgpu, whose WebGPU backend does not map that feature, so in the
+ * browser 'auto' would never choose them. A GPU with subgroups gets the subgroup kernels, as it
+ * does natively; a fallback (software) adapter keeps 'auto', which the engine shapes for a CPU.
+ */
+export function resolveKernels(kernels, adapter) {
+  if (kernels !== 'auto' || !adapter) return kernels;
+  const fallback = adapter.info?.isFallbackAdapter ?? adapter.isFallbackAdapter ?? false;
+  return adapter.features.has('subgroups') && !fallback ? 'subgroups' : 'auto';
+}
+
 /** The largest buffer a tensor may need on this adapter. */
 export function maxBufferBytes(adapter) {
   const { maxBufferSize, maxStorageBufferBindingSize } = adapter.limits;

@@ -16,7 +16,11 @@ fn phi2(args: &[&str]) -> Output {
 }
 
 fn json_stdout(args: &[&str]) -> Value {
-    let out = phi2(args);
+    success_json(phi2(args), args)
+}
+
+/// The JSON a successful run of `phi2 {args}` printed.
+fn success_json(out: Output, args: &[&str]) -> Value {
     assert!(
         out.status.success(),
         "phi2 {args:?} failed: {}",
@@ -53,6 +57,10 @@ fn ids(value: &Value) -> Vec<u32> {
 /// `phi2 generate --json`, greedy, for `max` tokens on the phi-tok fixture, with `run_on`
 /// (backend and kernel options).
 fn greedy_on_phi_tok(prompt: &str, max: usize, run_on: &[&str]) -> Value {
+    success_json(run_greedy_on_phi_tok(prompt, max, run_on), run_on)
+}
+
+fn run_greedy_on_phi_tok(prompt: &str, max: usize, run_on: &[&str]) -> Output {
     let model = fixture("phi-tok");
     let max = max.to_string();
     let mut args = vec![
@@ -68,7 +76,7 @@ fn greedy_on_phi_tok(prompt: &str, max: usize, run_on: &[&str]) -> Value {
         "--json",
     ];
     args.extend_from_slice(run_on);
-    json_stdout(&args)
+    phi2(&args)
 }
 
 #[test]
@@ -83,18 +91,15 @@ fn generate_json_matches_transformers_greedy() {
     }
 }
 
-/// Every `--kernels` choice gives transformers' greedy tokens on the GPU backend. `subgroups`
-/// runs where scripts/test.sh sets `PHI2_TEST_ALL_KERNELS=1` (lavapipe, which has subgroups);
-/// the main suite's GL adapter has none.
+/// Every `--kernels` choice gives transformers' greedy tokens on the GPU backend, or, for
+/// `subgroups` on an adapter without them, a clear error before any work. scripts/test.sh runs
+/// this on both kinds: the main suite's GL adapter has no subgroups; with
+/// `PHI2_TEST_ALL_KERNELS=1` it runs on lavapipe, which has them, and `subgroups` must run.
 #[test]
 fn every_kernel_choice_matches_transformers_greedy_on_the_gpu() {
     let case = &reference("phi-tok").cases[0];
     let prompt = case.prompt.as_deref().expect("phi-tok cases have prompts");
-    let mut choices = vec!["auto", "portable"];
-    if std::env::var("PHI2_TEST_ALL_KERNELS").is_ok_and(|v| v == "1") {
-        choices.push("subgroups");
-    }
-    for kernels in choices {
+    for kernels in ["auto", "portable"] {
         let run_on = ["--backend", "wgpu", "--kernels", kernels];
         let out = greedy_on_phi_tok(prompt, case.greedy_ids.len(), &run_on);
         assert_eq!(
@@ -103,18 +108,25 @@ fn every_kernel_choice_matches_transformers_greedy_on_the_gpu() {
             "--kernels {kernels}"
         );
     }
+    let generate_with = |kernels| {
+        let run_on = ["--backend", "wgpu", "--kernels", kernels];
+        run_greedy_on_phi_tok(prompt, case.greedy_ids.len(), &run_on)
+    };
+    let out = generate_with("subgroups");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if std::env::var("PHI2_TEST_ALL_KERNELS").is_ok_and(|v| v == "1") || out.status.success() {
+        assert!(out.status.success(), "--kernels subgroups: {stderr}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ids(&json["generated_ids"]), case.greedy_ids);
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("`kernels`") && stderr.contains("lacks"),
+            "the error names the option and what the adapter lacks: {stderr}"
+        );
+    }
     // An unknown choice is a usage error (clap's exit code 2) naming the option and the value.
-    let model = fixture("phi-tok");
-    let model = model.to_str().unwrap();
-    let out = phi2(&[
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        prompt,
-        "--kernels",
-        "fast",
-    ]);
+    let out = generate_with("fast");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
