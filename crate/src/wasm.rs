@@ -481,13 +481,18 @@ impl BundleLoading {
     }
 
     /// Verifies chunk `index` (fetched from `url`) and uploads the tensors it completes.
+    /// `sha256`: the chunk's digest (hex) computed by WebCrypto over exactly these bytes;
+    /// without it (WebCrypto exists only in secure contexts) the digest is computed here.
     pub fn push(
         &mut self,
         index: usize,
         bytes: &[u8],
         url: &str,
+        sha256: Option<String>,
     ) -> std::result::Result<(), JsValue> {
-        self.loader.push(index, bytes, url).map_err(js_error)
+        self.loader
+            .push(index, bytes, sha256.as_deref(), url)
+            .map_err(js_error)
     }
 
     /// The model, once the tokenizer is set and every chunk has been pushed.

@@ -249,7 +249,7 @@ fn dequantized_model(bundle: &Path, backend: BackendKind, keep_4bit: fn(&str) ->
     for (i, chunk) in manifest.chunks.iter().enumerate() {
         let bytes = std::fs::read(bundle.join(&chunk.file)).unwrap();
         stream
-            .push(i, &bytes, &chunk.file, |entry, words| {
+            .push(i, &bytes, None, &chunk.file, |entry, words| {
                 let Some(names::Target::One(slot)) = names::target(&entry.name, &manifest.config)
                 else {
                     panic!("{}", entry.name)

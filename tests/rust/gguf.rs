@@ -84,7 +84,7 @@ fn bundle_tensors(dir: &std::path::Path) -> Vec<(String, Vec<u32>)> {
     for (i, chunk) in manifest.chunks.iter().enumerate() {
         let bytes = std::fs::read(dir.join(&chunk.file)).unwrap();
         stream
-            .push(i, &bytes, &chunk.file, |entry, words| {
+            .push(i, &bytes, None, &chunk.file, |entry, words| {
                 out.push((entry.name.clone(), words));
                 Ok(())
             })

@@ -175,14 +175,14 @@ pub fn download_bundle(
         // Kept from an earlier try only if it still verifies.
         let kept = fs::read(&path)
             .ok()
-            .filter(|bytes| verify_chunk(index, chunk, bytes, &chunk_url).is_ok());
+            .filter(|bytes| verify_chunk(index, chunk, bytes, None, &chunk_url).is_ok());
         if kept.is_some() {
             resumed_chunks += 1;
         } else {
             let mut bytes = fetcher.get(&chunk_url, Some(chunk.size))?;
-            if verify_chunk(index, chunk, &bytes, &chunk_url).is_err() {
+            if verify_chunk(index, chunk, &bytes, None, &chunk_url).is_err() {
                 bytes = fetcher.get(&chunk_url, Some(chunk.size))?;
-                verify_chunk(index, chunk, &bytes, &chunk_url)?;
+                verify_chunk(index, chunk, &bytes, None, &chunk_url)?;
             }
             write_whole(&path, &bytes)?;
         }

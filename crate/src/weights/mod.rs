@@ -99,27 +99,35 @@ impl BundleLoader {
         }
     }
 
-    /// Verifies chunk `index` and uploads the tensors it completes; `location` names it.
-    pub fn push(&mut self, index: usize, bytes: &[u8], location: &str) -> Result<()> {
+    /// Verifies chunk `index` (`digest`: see [`bundle::verify_chunk`]) and uploads the tensors
+    /// it completes; `location` names it.
+    pub fn push(
+        &mut self,
+        index: usize,
+        bytes: &[u8],
+        digest: Option<&str>,
+        location: &str,
+    ) -> Result<()> {
         let config = self.stream.manifest().config.clone();
         let assembler = &mut self.assembler;
-        self.stream.push(index, bytes, location, |entry, words| {
-            let slot = match names::target(&entry.name, &config) {
-                Some(names::Target::One(slot)) => slot,
-                _ => unreachable!("Manifest::parse checked every name"),
-            };
-            match bundle::decode(entry, words) {
-                bundle::TensorBytes::Q4(matrix) => assembler.insert_q4(slot, matrix, location),
-                bundle::TensorBytes::F32(values) => assembler.insert(
-                    slot,
-                    HostTensor {
-                        shape: entry.shape.clone(),
-                        data: values,
-                    },
-                    location,
-                ),
-            }
-        })
+        self.stream
+            .push(index, bytes, digest, location, |entry, words| {
+                let slot = match names::target(&entry.name, &config) {
+                    Some(names::Target::One(slot)) => slot,
+                    _ => unreachable!("Manifest::parse checked every name"),
+                };
+                match bundle::decode(entry, words) {
+                    bundle::TensorBytes::Q4(matrix) => assembler.insert_q4(slot, matrix, location),
+                    bundle::TensorBytes::F32(values) => assembler.insert(
+                        slot,
+                        HostTensor {
+                            shape: entry.shape.clone(),
+                            data: values,
+                        },
+                        location,
+                    ),
+                }
+            })
     }
 
     /// The model, once every chunk has been pushed.
@@ -148,7 +156,7 @@ async fn load_bundle<S: FileSource>(
     for index in 0..loader.manifest().chunks.len() {
         let file = loader.manifest().chunks[index].file.clone();
         let bytes = read_required(source, &file).await?;
-        loader.push(index, &bytes, &source.locate(&file))?;
+        loader.push(index, &bytes, None, &source.locate(&file))?;
     }
     Ok((loader.finish()?, tokenizer))
 }
