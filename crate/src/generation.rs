@@ -481,7 +481,7 @@ fn sample_sorted(candidates: &[(u32, f32)], params: &SamplingParams, rng: &mut i
     candidates[probs.len() - 1].0
 }
 
-async fn read_floats(tensor: Tensor<2>) -> Result<Vec<f32>> {
+pub(crate) async fn read_floats(tensor: Tensor<2>) -> Result<Vec<f32>> {
     let data = tensor
         .into_data_async()
         .await

@@ -393,6 +393,11 @@ impl Phi {
     /// [`FIRST_ALLOCATION`] of them to start with, in f32 or, where allowed, f16
     /// ([`crate::kernels::allow_f16`]).
     pub fn new_cache(&self) -> KvCache {
+        self.cache_for(self.config.num_hidden_layers)
+    }
+
+    /// [`Phi::new_cache`] for the first `layers` layers.
+    fn cache_for(&self, layers: usize) -> KvCache {
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.head_dim();
         let capacity = self.config.max_position_embeddings;
@@ -404,7 +409,6 @@ impl Phi {
                 (&self.device, dtype),
             ))
         };
-        let layers = self.config.num_hidden_layers;
         KvCache {
             keys: (0..layers).map(|_| empty()).collect(),
             values: (0..layers).map(|_| empty()).collect(),
@@ -416,6 +420,23 @@ impl Phi {
     /// Runs `tokens` after what the cache holds and returns the logits of the last one,
     /// `[1, vocab_size]`. Callers check that the tokens fit in the cache.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Tensor<2> {
+        self.forward_through(self.layers.len(), tokens, cache)
+    }
+
+    /// Compiles the kernels a prompt and a decoded token run, for a small part of their work:
+    /// a two-token prompt then one token, through the first layer only (every layer runs the
+    /// same kernels), the final LayerNorm and lm_head. On a software adapter one token through
+    /// the whole model takes seconds. The logits, `[1, vocab_size]`, are those of that
+    /// truncated model; nothing is kept.
+    pub fn warm_up(&self) -> Tensor<2> {
+        let mut cache = self.cache_for(1);
+        // Token 0: every vocabulary has it.
+        self.forward_through(1, &[0, 0], &mut cache);
+        self.forward_through(1, &[0], &mut cache)
+    }
+
+    /// [`Phi::forward`] through the first `layers` layers (the cache has at least as many).
+    fn forward_through(&self, layers: usize, tokens: &[u32], cache: &mut KvCache) -> Tensor<2> {
         assert!(
             !tokens.is_empty() && cache.len + tokens.len() <= cache.capacity,
             "forward: {} tokens after {} do not fit a cache of {}",
@@ -431,7 +452,7 @@ impl Phi {
         let mask = (count > 1 && crate::kernels::is_cpu(&self.device))
             .then(|| self.causal_mask(start, count));
         let attention_width = self.mlp_width + self.config.hidden_size;
-        for (index, layer) in self.layers.iter().enumerate() {
+        for (index, layer) in self.layers.iter().take(layers).enumerate() {
             let x = layer.norm.forward(hidden.clone());
             let mlp = Epilogue {
                 gelu_outputs: self.mlp_width,

@@ -228,28 +228,17 @@ impl Phi2Model {
         Ok(async_iterable(generation.into()))
     }
 
-    /// Runs one token through the model so that every GPU pipeline is compiled before the
-    /// first real prompt (compiling costs seconds on first use).
+    /// Compiles the model's GPU pipelines before the first real prompt (compiling costs
+    /// seconds on first use): see [`crate::Phi::warm_up`].
     #[wasm_bindgen(js_name = warmUp)]
     #[allow(clippy::await_holding_refcell_ref)] // the borrow is the lock: see `borrow_loaded`
     pub fn warm_up(&self) -> Promise {
         let engine = self.engine.clone();
         future_to_promise(async move {
-            let mut loaded = borrow_loaded(&engine)?;
-            let Loaded { model, session, .. } = &mut *loaded;
-            let params = SamplingParams {
-                max_tokens: 1,
-                ..SamplingParams::default()
-            };
-            let mut warm = Session::resume(
-                model,
-                session.take(),
-                vec![crate::tokenizer::END_OF_TEXT],
-                params,
-            )
-            .map_err(js_error)?;
-            warm.logits(model).await.map_err(js_error)?;
-            *session = Some(warm);
+            let loaded = borrow_loaded(&engine)?;
+            crate::generation::read_floats(loaded.model.warm_up())
+                .await
+                .map_err(js_error)?;
             Ok(JsValue::UNDEFINED)
         })
     }

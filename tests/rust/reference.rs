@@ -194,3 +194,31 @@ fn a_cache_growing_past_its_first_allocation_keeps_what_it_held() {
         assert!(diff <= 1e-4, "{backend:?}: across the growth: {diff}");
     }
 }
+
+/// The warm-up (a prompt and one more token through the first layer only, then lm_head)
+/// computes the same truncated model on both backends, and leaves nothing behind: the model's logits are still
+/// transformers' afterwards.
+#[test]
+fn the_warm_up_runs_the_first_layer_alike_on_both_backends_and_keeps_nothing() {
+    let case = &reference("phi-80").cases[0];
+    let warm: Vec<Vec<f32>> = BACKENDS
+        .iter()
+        .map(|&backend| {
+            let (model, _) = load("phi-80", backend);
+            let logits = block_on(model.warm_up().into_data_async())
+                .unwrap()
+                .try_into_vec::<f32>()
+                .unwrap();
+            assert_eq!(logits.len(), model.config().vocab_size);
+            let diff = max_abs_diff(&next_logits(&model, &case.ids), &case.last_logits);
+            assert!(diff <= LOGIT_TOLERANCE, "{backend:?} after warm-up: {diff}");
+            logits
+        })
+        .collect();
+    let diff = max_abs_diff(&warm[0], &warm[1]);
+    assert!(diff <= LOGIT_TOLERANCE, "warm-up logits differ by {diff}");
+    // A truncated model: not the full model's logits for the same token.
+    let (model, _) = load("phi-80", BackendKind::Cpu);
+    let full = next_logits(&model, &[0, 0, 0]);
+    assert!(max_abs_diff(&warm[0], &full) > LOGIT_TOLERANCE);
+}
