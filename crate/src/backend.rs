@@ -34,7 +34,9 @@ impl BackendKind {
         }
     }
 
-    /// Acquires the device. In the browser this must be awaited; natively it completes at once.
+    /// Acquires the device. In the browser this must be awaited; natively it completes at once,
+    /// and fails if the kernels already chosen ([`crate::kernels::choose_kernels`]: choose
+    /// first) need what the adapter lacks.
     /// burn's wgpu runtime can be initialised once per process, so the device is kept and
     /// every later call (a second model, a reload) shares it.
     pub async fn device(self) -> Result<Device> {

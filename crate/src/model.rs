@@ -423,7 +423,8 @@ impl Phi {
         self.forward_through(self.layers.len(), tokens, cache)
     }
 
-    /// Compiles the kernels a prompt and a decoded token run, for a small part of their work:
+    /// Compiles the model's kernels for a prompt and a decoded token (sampling's few compile at
+    /// the first generation), for a small part of their work:
     /// a two-token prompt then one token, through the first layer only (every layer runs the
     /// same kernels), the final LayerNorm and lm_head. On a software adapter one token through
     /// the whole model takes seconds. The logits, `[1, vocab_size]`, are those of that
@@ -437,6 +438,12 @@ impl Phi {
 
     /// [`Phi::forward`] through the first `layers` layers (the cache has at least as many).
     fn forward_through(&self, layers: usize, tokens: &[u32], cache: &mut KvCache) -> Tensor<2> {
+        assert!(
+            layers <= self.layers.len() && layers <= cache.keys.len(),
+            "forward: {layers} layers with a model of {} and a cache of {}",
+            self.layers.len(),
+            cache.keys.len()
+        );
         assert!(
             !tokens.is_empty() && cache.len + tokens.len() <= cache.capacity,
             "forward: {} tokens after {} do not fit a cache of {}",

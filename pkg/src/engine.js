@@ -140,8 +140,12 @@ async function download(url, { expectedBytes, signal, onBytes = () => {}, what, 
 async function sha256Hex(bytes) {
   const subtle = globalThis.crypto?.subtle;
   if (!subtle) return undefined;
-  const digest = new Uint8Array(await subtle.digest('SHA-256', bytes));
-  return Array.from(digest, (byte) => byte.toString(16).padStart(2, '0')).join('');
+  try {
+    const digest = new Uint8Array(await subtle.digest('SHA-256', bytes));
+    return Array.from(digest, (byte) => byte.toString(16).padStart(2, '0')).join('');
+  } catch {
+    return undefined; // the engine hashes it instead
+  }
 }
 
 async function cachePut(cache, url, bytes, warnings) {
@@ -233,10 +237,7 @@ export class Engine {
     await startWasm(wasmUrl);
     const chosen = await chooseBackend(backend);
     if (chosen.backend === 'webgpu' && deviceLost()) throw modelError();
-    // Subgroup kernels on an adapter without the feature would fail to compile mid-load.
-    if (kernels === 'subgroups' && chosen.adapter && !chosen.adapter.features.has('subgroups')) {
-      throw new Phi2Error('OptionError', 'kernels "subgroups" needs a WebGPU adapter with the subgroups feature; this one has none', { option: 'kernels' });
-    }
+    const resolvedKernels = resolveKernels(kernels, chosen.adapter);
     const cache = useCache ? await openCache() : null;
     const warnings = new Set();
     const href = manifestUrl(url);
@@ -246,7 +247,7 @@ export class Engine {
     try {
       // The engine checks the manifest before anything else is fetched.
       loading = await BundleLoading.start(
-        manifestFile.bytes, href, chosen.backend, Boolean(f16), resolveKernels(kernels, chosen.adapter),
+        manifestFile.bytes, href, chosen.backend, Boolean(f16), resolvedKernels,
       );
     } catch (error) {
       throw Phi2Error.from(error);

@@ -1,5 +1,7 @@
 // WebGPU facts the engine needs before burn creates its device.
 
+import { Phi2Error } from './errors.js';
+
 let lostInfo = null;
 
 /**
@@ -38,25 +40,36 @@ export function deviceLost() {
   return lostInfo;
 }
 
-/** The adapter, or null where there is no usable WebGPU. */
+/**
+ * The adapter, or null where there is no usable WebGPU. Asked for as wgpu asks for its own
+ * (high performance), so that on a machine with two GPUs its features and limits are those of
+ * the adapter the engine runs on.
+ */
 export async function gpuAdapter() {
   try {
-    return (await globalThis.navigator?.gpu?.requestAdapter()) ?? null;
+    return (await globalThis.navigator?.gpu?.requestAdapter({ powerPreference: 'high-performance' })) ?? null;
   } catch {
     return null;
   }
 }
 
 /**
- * The `kernels` option with 'auto' made explicit where the engine cannot see for itself: cubecl
- * learns of subgroups through wgpu, whose WebGPU backend does not map that feature, so in the
- * browser 'auto' would never choose them. A GPU with subgroups gets the subgroup kernels, as it
- * does natively; a fallback (software) adapter keeps 'auto', which the engine shapes for a CPU.
+ * The `kernels` option checked against `adapter` (null: the CPU backend), with 'auto' made
+ * explicit where the engine cannot see for itself: cubecl learns of subgroups through wgpu,
+ * whose WebGPU backend does not map that feature, so in the browser 'auto' would never choose
+ * them. A GPU with subgroups gets the subgroup kernels, as it does natively; a fallback
+ * (software) adapter keeps 'auto', which the engine shapes for a CPU. "Fallback" is read where
+ * wgpu reads it (`GPUAdapterInfo.isFallbackAdapter`), so both agree on what the adapter is.
+ * 'subgroups' on an adapter without them would fail to compile mid-load: an OptionError now.
  */
 export function resolveKernels(kernels, adapter) {
-  if (kernels !== 'auto' || !adapter) return kernels;
-  const fallback = adapter.info?.isFallbackAdapter ?? adapter.isFallbackAdapter ?? false;
-  return adapter.features.has('subgroups') && !fallback ? 'subgroups' : 'auto';
+  if (!adapter) return kernels;
+  const subgroups = adapter.features.has('subgroups');
+  if (kernels === 'subgroups' && !subgroups) {
+    throw new Phi2Error('OptionError', 'kernels "subgroups" needs a WebGPU adapter with the subgroups feature; this one has none', { option: 'kernels' });
+  }
+  if (kernels !== 'auto') return kernels;
+  return subgroups && !adapter.info?.isFallbackAdapter ? 'subgroups' : 'auto';
 }
 
 /** The largest buffer a tensor may need on this adapter. */

@@ -1,5 +1,6 @@
-// What `kernels: 'auto'` becomes in the browser (pkg/src/webgpu.js): the headless Chromium of the
-// other tests is a fallback adapter, so the GPU cases are checked here on adapter descriptions.
+// What the `kernels` option becomes in the browser (pkg/src/webgpu.js): the headless Chromium of
+// the other tests is a fallback adapter, so the GPU cases are checked here on adapter
+// descriptions.
 //
 //   node --test tests/browser/kernels.test.mjs
 
@@ -7,29 +8,36 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { resolveKernels } from '../../pkg/src/webgpu.js';
 
-/** A GPUAdapter as far as resolveKernels looks: its features and whether it is a fallback. */
-function adapter(features, isFallbackAdapter, where = 'info') {
-  const described = { features: new Set(features) };
-  if (where === 'info') described.info = { isFallbackAdapter };
-  else described.isFallbackAdapter = isFallbackAdapter; // browsers before GPUAdapterInfo had it
-  return described;
+/** A GPUAdapter as far as resolveKernels looks: its features and what its info says. */
+function adapter(features, info = { isFallbackAdapter: false }) {
+  return { features: new Set(features), info };
 }
 
 test("'auto' runs the subgroup kernels on a GPU with subgroups, as natively", () => {
-  assert.equal(resolveKernels('auto', adapter(['subgroups', 'shader-f16'], false)), 'subgroups');
-  assert.equal(resolveKernels('auto', adapter(['subgroups'], false, 'adapter')), 'subgroups');
+  assert.equal(resolveKernels('auto', adapter(['subgroups', 'shader-f16'])), 'subgroups');
 });
 
 test("'auto' stays 'auto' without subgroups, on a fallback adapter, and on the CPU", () => {
-  assert.equal(resolveKernels('auto', adapter(['shader-f16'], false)), 'auto');
-  assert.equal(resolveKernels('auto', adapter(['subgroups'], true)), 'auto');
-  assert.equal(resolveKernels('auto', adapter(['subgroups'], true, 'adapter')), 'auto');
+  assert.equal(resolveKernels('auto', adapter(['shader-f16'])), 'auto');
+  assert.equal(resolveKernels('auto', adapter(['subgroups'], { isFallbackAdapter: true })), 'auto');
   assert.equal(resolveKernels('auto', null), 'auto');
 });
 
-test('an explicit choice is kept', () => {
+test('an adapter is a fallback only where wgpu reads it (GPUAdapterInfo), so both agree', () => {
+  // wgpu shapes the kernels for a CPU only from `info.isFallbackAdapter`; the older attribute on
+  // the adapter itself does not make it one there, so it does not here either.
+  const older = { ...adapter(['subgroups'], {}), isFallbackAdapter: true };
+  assert.equal(resolveKernels('auto', older), 'subgroups');
+});
+
+test("an explicit choice is kept; 'subgroups' without them is an OptionError naming the option", () => {
   for (const kernels of ['portable', 'subgroups']) {
-    assert.equal(resolveKernels(kernels, adapter(['subgroups'], false)), kernels);
-    assert.equal(resolveKernels(kernels, adapter([], true)), kernels);
+    assert.equal(resolveKernels(kernels, adapter(['subgroups'])), kernels);
+    assert.equal(resolveKernels(kernels, null), kernels); // the CPU backend ignores it
   }
+  assert.equal(resolveKernels('portable', adapter([], { isFallbackAdapter: true })), 'portable');
+  assert.throws(
+    () => resolveKernels('subgroups', adapter(['shader-f16'])),
+    (error) => error.name === 'OptionError' && error.details?.option === 'kernels' && /subgroups/.test(error.message),
+  );
 });

@@ -121,7 +121,9 @@ fn every_kernel_choice_matches_transformers_greedy_on_the_gpu() {
     } else {
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(
-            stderr.contains("`kernels`") && stderr.contains("lacks"),
+            stderr.contains("`kernels`")
+                && stderr.contains("lacks")
+                && stderr.contains("adapter (`"),
             "the error names the option and what the adapter lacks: {stderr}"
         );
     }
