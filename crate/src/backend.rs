@@ -49,22 +49,25 @@ impl BackendKind {
 
 /// Natively the device is also checked against the kernels chosen: cubecl reports subgroups
 /// only for adapters that are not CPUs, so whether subgroup kernels can run comes from wgpu's
-/// device. (In the browser wgpu cannot see that feature; the package checks the adapter.)
+/// device ([`crate::kernels::record_device_subgroups`]). (In the browser wgpu cannot see that
+/// feature; the package checks the adapter and says.)
 #[cfg(not(target_arch = "wasm32"))]
 async fn wgpu_device() -> Result<Device> {
     use burn::tensor::wgpu::wgpu::Features;
-    static DEVICE: std::sync::OnceLock<std::result::Result<(Device, bool), String>> =
+    static DEVICE: std::sync::OnceLock<std::result::Result<Device, String>> =
         std::sync::OnceLock::new();
-    let (device, subgroups) = DEVICE
+    let device = DEVICE
         .get_or_init(|| {
             let (device, setup) = Device::wgpu_options()
                 .init_with_setup()
                 .map_err(|e| e.to_string())?;
-            Ok((device, setup.device.features().contains(Features::SUBGROUP)))
+            let subgroups = setup.device.features().contains(Features::SUBGROUP);
+            crate::kernels::record_device_subgroups(subgroups);
+            Ok(device)
         })
         .clone()
         .map_err(|e| Error::Device(format!("no wgpu adapter: {e}")))?;
-    crate::kernels::check_kernel_choice(&device, subgroups)?;
+    crate::kernels::check_kernel_choice(&device)?;
     Ok(device)
 }
 

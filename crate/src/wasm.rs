@@ -129,10 +129,13 @@ fn parse_backend(backend: Option<String>) -> Result<BackendKind> {
 /// `kernels` ("auto", the default, "portable" or "subgroups"), set for the model about to load:
 /// see [`crate::kernels::KernelChoice`]. Here "auto" is what cubecl sees, and through wgpu's
 /// WebGPU backend it never sees subgroups: the package resolves "auto" against the adapter's
-/// features before it calls in (pkg/src/webgpu.js `resolveKernels`).
-fn choose_kernels(kernels: Option<String>) -> Result<()> {
+/// features before it calls in (pkg/src/webgpu.js `resolveKernels`), and says in `subgroups`
+/// whether the device has them (it asks for them where offered;
+/// [`crate::kernels::record_device_subgroups`]).
+fn choose_kernels(kernels: Option<String>, subgroups: Option<bool>) -> Result<()> {
     let choice = kernels.as_deref().unwrap_or("auto").parse()?;
     crate::kernels::choose_kernels(choice);
+    crate::kernels::record_device_subgroups(subgroups.unwrap_or(false));
     Ok(())
 }
 
@@ -148,15 +151,16 @@ pub struct Phi2Model {
 impl Phi2Model {
     /// Loads a model directory — a bundle (`manifest.json`) or an HF checkpoint — from
     /// `base_url` with plain requests, on `backend` ("webgpu", the default, or "cpu"), with
-    /// `kernels` (see [`choose_kernels`]).
+    /// `kernels` and `subgroups` (see [`choose_kernels`]).
     pub async fn load(
         base_url: String,
         backend: Option<String>,
         kernels: Option<String>,
+        subgroups: Option<bool>,
     ) -> std::result::Result<Phi2Model, JsValue> {
         console_error_panic_hook::set_once();
         let backend = parse_backend(backend).map_err(js_error)?;
-        choose_kernels(kernels).map_err(js_error)?;
+        choose_kernels(kernels, subgroups).map_err(js_error)?;
         let device = backend.device().await.map_err(js_error)?;
         let base = if base_url.ends_with('/') {
             base_url
@@ -405,18 +409,19 @@ pub struct BundleLoading {
 #[wasm_bindgen]
 impl BundleLoading {
     /// Checks the manifest (`manifest_url` names it in errors) and acquires the device.
-    /// `f16`: see [`crate::kernels::allow_f16`] (default false); `kernels`: see
-    /// [`choose_kernels`].
+    /// `f16`: see [`crate::kernels::allow_f16`] (default false); `kernels` and `subgroups`:
+    /// see [`choose_kernels`].
     pub async fn start(
         manifest: Vec<u8>,
         manifest_url: String,
         backend: Option<String>,
         f16: Option<bool>,
         kernels: Option<String>,
+        subgroups: Option<bool>,
     ) -> std::result::Result<BundleLoading, JsValue> {
         console_error_panic_hook::set_once();
         crate::kernels::allow_f16(f16.unwrap_or(false));
-        choose_kernels(kernels).map_err(js_error)?;
+        choose_kernels(kernels, subgroups).map_err(js_error)?;
         let manifest = parse_manifest(&manifest, &manifest_url).map_err(js_error)?;
         let backend = parse_backend(backend).map_err(js_error)?;
         let device = backend.device().await.map_err(js_error)?;

@@ -246,8 +246,10 @@ export class Engine {
     let loading;
     try {
       // The engine checks the manifest before anything else is fetched.
+      // The device has subgroups wherever the adapter offers them (watchDevices asks).
       loading = await BundleLoading.start(
         manifestFile.bytes, href, chosen.backend, Boolean(f16), resolvedKernels,
+        Boolean(chosen.adapter?.features.has('subgroups')),
       );
     } catch (error) {
       throw Phi2Error.from(error);

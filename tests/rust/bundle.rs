@@ -209,7 +209,7 @@ fn layer_norm_kernel_matches_the_reference_in_every_plan() {
 }
 
 /// The CPU backend's one way, or every kernel plan the GPU device supports. scripts/test.sh
-/// also runs this test on lavapipe (Vulkan), which has shader-f16 and subgroups, with
+/// also runs this test on lavapipe (Vulkan), which has shader-f16 and subgroups (of one size), with
 /// `PHI2_TEST_ALL_KERNELS=1`: there every plan runs, including the subgroup kernels cubecl would
 /// not pick on a CPU adapter, and an adapter without f16, or not taken for a software adapter,
 /// fails the test instead of testing less.
@@ -224,10 +224,11 @@ fn plans_to_test(device: &burn::tensor::Device) -> Vec<Option<KernelPlan>> {
             "{}: no shader-f16",
             describe_device(device)
         );
-        // lavapipe is a CPU: it must get the threads shaped for software adapters.
+        // lavapipe is a CPU: it must get the threads shaped for software adapters, and
+        // (having subgroups of one size) their shared activation loads.
         assert!(
-            KernelPlan::best(device).is_some_and(|p| p.software),
-            "{}: not recognised as a software adapter",
+            KernelPlan::best(device).is_some_and(|p| p.software && p.shared_loads),
+            "{}: not recognised as a software adapter with subgroups",
             describe_device(device)
         );
         KernelPlan::all()
