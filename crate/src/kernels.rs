@@ -2,8 +2,7 @@
 //! - 4-bit matrix multiplication straight from the packed weights ([`crate::quant`] layout),
 //!   with its bias, activation and residual: a kernel on GPU backends, a plain loop on burn's
 //!   CPU backend. No float copy of a weight is made (unless a layer mixes 4-bit and f32
-//!   parts). Weights can be assembled from parts on the device (the model runs a layer's six
-//!   projections as two matmuls).
+//!   parts).
 //! - Embedding rows of a 4-bit table.
 //! - The decode path's other fused steps: LayerNorm, and causal attention with the rotary
 //!   embedding and the KV-cache write inside (burn's CPU backend composes these from tensor
@@ -22,9 +21,7 @@ use cubecl::features::{Plane, TypeUsage};
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::{BufferArg, CubeCount, CubeDim};
 
-use crate::quant::{
-    check_placement, padded_cols, scale_words_per_row, Q4Matrix, BLOCK, PLACEMENT_COLS,
-};
+use crate::quant::{padded_cols, Q4Matrix, BLOCK};
 
 /// Threads per workgroup (at least one subgroup for the subgroup kernel).
 const WORKGROUP: u32 = 64;
@@ -93,72 +90,6 @@ impl Q4Weight {
         match self {
             Q4Weight::Device { rows, cols, .. } => [*rows, *cols],
             Q4Weight::Host(m) => [m.rows, m.cols],
-        }
-    }
-
-    /// A `rows × cols` weight holding `parts` at `(row, col)` each and zeros elsewhere, made
-    /// where the parts are (on the device: one buffer the parts are copied into, word by
-    /// word). See [`Q4Matrix::assemble`] for where parts may go.
-    pub fn assemble(rows: usize, cols: usize, parts: Vec<(Q4Weight, usize, usize)>) -> Q4Weight {
-        let Some((Q4Weight::Device { codes, plan, .. }, _, _)) = parts.first() else {
-            let host: Vec<_> = parts
-                .iter()
-                .map(|(part, row, col)| match part {
-                    Q4Weight::Host(matrix) => (matrix.as_ref(), *row, *col),
-                    Q4Weight::Device { .. } => unreachable!("all parts come from one device"),
-                })
-                .collect();
-            return Q4Weight::Host(Arc::new(Q4Matrix::assemble(rows, cols, &host)));
-        };
-        let (device, plan) = (codes.device(), *plan);
-        // Zeros only when the parts leave gaps (Phi-2's leave none): filling a buffer that the
-        // parts then overwrite costs a pass over it, seconds on a CPU-emulated adapter.
-        let grid = |words_of: fn(usize) -> usize| {
-            let covered: usize = parts
-                .iter()
-                .map(|(part, _, _)| part.rows() * words_of(part.shape()[1]))
-                .sum();
-            let shape = [rows, words_of(cols)];
-            let options = (&device, DType::U32);
-            if covered == rows * words_of(cols) {
-                Tensor::<2, Int>::empty(shape, options)
-            } else {
-                Tensor::<2, Int>::zeros(shape, options)
-            }
-        };
-        let code_words = |cols| padded_cols(cols) / 8;
-        let (words, scale_words) = (code_words(cols), scale_words_per_row(cols));
-        let (mut all_codes, mut all_scales) = (grid(code_words), grid(scale_words_per_row));
-        for (part, row, col) in parts {
-            let Q4Weight::Device {
-                codes,
-                scales,
-                rows: part_rows,
-                cols: part_cols,
-                ..
-            } = part
-            else {
-                unreachable!("all parts come from one device")
-            };
-            check_placement(part_rows, part_cols, row, col, rows, cols);
-            let (part_words, part_scales) = (code_words(part_cols), scale_words_per_row(part_cols));
-            let at = col / 8;
-            all_codes = all_codes.slice_assign(
-                [row..row + part_rows, at..at + part_words],
-                codes.reshape([part_rows, part_words]),
-            );
-            let at = col / PLACEMENT_COLS;
-            all_scales = all_scales.slice_assign(
-                [row..row + part_rows, at..at + part_scales],
-                scales.reshape([part_rows, part_scales]),
-            );
-        }
-        Q4Weight::Device {
-            codes: all_codes.reshape([rows * words]),
-            scales: all_scales.reshape([rows * scale_words]),
-            rows,
-            cols,
-            plan,
         }
     }
 

@@ -47,56 +47,90 @@ impl Linear {
         }
     }
 
-    /// `[outputs, inputs]`.
-    fn shape(&self) -> [usize; 2] {
-        match self {
-            Linear::Dense { weight, .. } => {
-                let [inputs, outputs] = weight.dims();
-                [outputs, inputs]
-            }
-            Linear::Q4 { weight, .. } => weight.shape(),
-        }
-    }
-
-    /// One layer of `outputs × inputs` made of `parts`, each at `(output, input)` offsets,
-    /// zeros elsewhere; the biases of parts sharing outputs add up. Parts side by side along
-    /// the outputs compute their layers at once; parts side by side along the inputs sum
-    /// their layers over the inputs laid side by side the same way. 4-bit when every part is
-    /// (input offsets then on [`PLACEMENT_COLS`] boundaries), f32 otherwise.
-    fn assemble(
+    /// One f32 layer of `outputs × inputs` made of `parts` (4-bit ones dequantized), each at
+    /// `(output, input)` offsets, zeros elsewhere; see [`FusedLinear`]. For checkpoints that
+    /// mix 4-bit and f32 tensors (a GGUF file's k-quants are read as f32); the weight
+    /// assembler fuses all-4-bit parts itself, on the host.
+    pub(crate) fn assemble_dense(
         outputs: usize,
         inputs: usize,
         parts: Vec<(Linear, usize, usize)>,
         device: &Device,
     ) -> Linear {
-        let mut bias = Tensor::<1>::zeros([outputs], device);
-        let mut q4_parts = Vec::new();
-        let mut dense_parts = Vec::new();
-        for (part, row, col) in parts {
-            let [rows, _] = part.shape();
-            let (Linear::Dense { bias: b, .. } | Linear::Q4 { bias: b, .. }) = &part;
-            let sum = bias.clone().narrow(0, row, rows) + b.clone();
-            bias = bias.slice_assign(s![row..row + rows], sum);
-            match part {
-                Linear::Q4 { weight, .. } => q4_parts.push((weight, row, col)),
-                Linear::Dense { weight, .. } => dense_parts.push((weight, row, col)),
-            }
-        }
-        if dense_parts.is_empty() {
-            let weight = Q4Weight::assemble(outputs, inputs, q4_parts);
-            return Linear::Q4 { weight, bias };
-        }
-        // A checkpoint may mix 4-bit and f32 tensors (a GGUF file's k-quants are read as f32).
-        let dequantized = q4_parts
-            .into_iter()
-            .map(|(weight, row, col)| (weight.to_dense(device), row, col));
+        let mut biases = Vec::new();
         let mut weight = Tensor::<2>::zeros([inputs, outputs], device);
-        for (part, row, col) in dense_parts.into_iter().chain(dequantized) {
+        for (part, row, col) in parts {
+            let (part, bias) = match part {
+                Linear::Dense { weight, bias } => (weight, bias),
+                Linear::Q4 { weight, bias } => (weight.to_dense(device), bias),
+            };
             let [part_inputs, part_outputs] = part.dims();
             weight = weight.slice_assign([col..col + part_inputs, row..row + part_outputs], part);
+            biases.push((bias, row));
         }
+        let bias = Linear::summed_bias(outputs, biases, device);
         Linear::Dense { weight, bias }
     }
+
+    /// The bias of `outputs` made of `biases` at their output offsets: those sharing outputs
+    /// (parts side by side along the inputs) add up.
+    pub(crate) fn summed_bias(
+        outputs: usize,
+        biases: Vec<(Tensor<1>, usize)>,
+        device: &Device,
+    ) -> Tensor<1> {
+        let mut sum = Tensor::<1>::zeros([outputs], device);
+        for (bias, row) in biases {
+            let rows = bias.dims()[0];
+            let added = sum.clone().narrow(0, row, rows) + bias;
+            sum = sum.slice_assign(s![row..row + rows], added);
+        }
+        sum
+    }
+}
+
+/// One of the two matmuls a layer runs (see the module docs): `rows × cols`, made of
+/// projections `(weight, bias, row, col)` placed at `(row, col)`, zeros elsewhere. Parts side
+/// by side along the rows (outputs) compute their projections at once; parts side by side
+/// along the columns (inputs) sum their projections of the inputs laid side by side the same
+/// way. 4-bit parts start on [`PLACEMENT_COLS`] columns.
+pub struct FusedLinear {
+    pub rows: usize,
+    pub cols: usize,
+    pub parts: Vec<(LayerParam, LayerParam, usize, usize)>,
+}
+
+impl FusedLinear {
+    /// A layer's `[fan_out, fan_in]`: `[fc1 | q | k | v]` stacked along the outputs (the MLP
+    /// part [`mlp_width`] rows), and `[fc2 | dense]` side by side along the inputs.
+    pub fn of_layer(config: &PhiConfig) -> [FusedLinear; 2] {
+        use LayerParam::*;
+        let hidden = config.hidden_size;
+        let mlp = mlp_width(config);
+        [
+            FusedLinear {
+                rows: mlp + 3 * hidden,
+                cols: hidden,
+                parts: vec![
+                    (Fc1Weight, Fc1Bias, 0, 0),
+                    (QWeight, QBias, mlp, 0),
+                    (KWeight, KBias, mlp + hidden, 0),
+                    (VWeight, VBias, mlp + 2 * hidden, 0),
+                ],
+            },
+            FusedLinear {
+                rows: hidden,
+                cols: mlp + hidden,
+                parts: vec![(Fc2Weight, Fc2Bias, 0, 0), (DenseWeight, DenseBias, 0, mlp)],
+            },
+        ]
+    }
+}
+
+/// The MLP's width rounded up to whole [`PLACEMENT_COLS`], so that the attention part after it
+/// in a fused layer starts on 4-bit blocks' boundaries (Phi-2's 10240 already does).
+fn mlp_width(config: &PhiConfig) -> usize {
+    config.intermediate_size.next_multiple_of(PLACEMENT_COLS)
 }
 
 /// The token embedding table. A 4-bit table stays packed where its backend computes (the GPU,
@@ -319,8 +353,7 @@ impl KvCache {
 
 pub struct Phi {
     config: PhiConfig,
-    /// Columns of the MLP's part of a layer's activations: `intermediate_size` rounded up to
-    /// whole [`PLACEMENT_COLS`], so the attention part after it can share 4-bit blocks' rows.
+    /// Columns of the MLP's part of a layer's activations ([`mlp_width`]).
     mlp_width: usize,
     device: Device,
     embedding: Embedding,
@@ -335,37 +368,24 @@ impl Phi {
         let config = weights.config.clone();
         let eps = config.layer_norm_eps;
         let plan = KernelPlan::best(device);
-        let hidden = config.hidden_size;
-        let mlp_width = config.intermediate_size.next_multiple_of(PLACEMENT_COLS);
         let layers = (0..config.num_hidden_layers)
             .map(|n| {
-                let p = |param| Slot::Layer(n, param);
-                use LayerParam::*;
-                let mut take = |weight, bias| weights.take_linear(p(weight), p(bias));
-                let fan_out = vec![
-                    (take(Fc1Weight, Fc1Bias), 0, 0),
-                    (take(QWeight, QBias), mlp_width, 0),
-                    (take(KWeight, KBias), mlp_width + hidden, 0),
-                    (take(VWeight, VBias), mlp_width + 2 * hidden, 0),
-                ];
-                let fan_in = vec![
-                    (take(Fc2Weight, Fc2Bias), 0, 0),
-                    (take(DenseWeight, DenseBias), 0, mlp_width),
-                ];
+                let [fan_out, fan_in] = FusedLinear::of_layer(&config)
+                    .map(|fused| weights.take_fused(n, &fused, device));
                 DecoderLayer {
                     norm: LayerNorm {
-                        weight: weights.take(p(NormWeight)),
-                        bias: weights.take(p(NormBias)),
+                        weight: weights.take(Slot::Layer(n, LayerParam::NormWeight)),
+                        bias: weights.take(Slot::Layer(n, LayerParam::NormBias)),
                         eps,
                         plan,
                     },
-                    fan_out: Linear::assemble(mlp_width + 3 * hidden, hidden, fan_out, device),
-                    fan_in: Linear::assemble(hidden, mlp_width + hidden, fan_in, device),
+                    fan_out,
+                    fan_in,
                 }
             })
             .collect();
         Phi {
-            mlp_width,
+            mlp_width: mlp_width(&config),
             embedding: weights.take_embedding(),
             layers,
             final_norm: LayerNorm {

@@ -27,17 +27,13 @@ pub fn padded_cols(cols: usize) -> usize {
     cols.div_ceil(BLOCK) * BLOCK
 }
 
-/// Scale words per row in the kernels' layout ([`Q4Matrix::row_scale_words`]).
-pub fn scale_words_per_row(cols: usize) -> usize {
-    (padded_cols(cols) / BLOCK).div_ceil(2)
-}
-
-/// Where a part placed into a bigger matrix may start along a row: two blocks, one scale word.
-pub const PLACEMENT_COLS: usize = 2 * BLOCK;
+/// Where a part placed into a bigger matrix may start along a row: a block boundary, so that
+/// its blocks stay whole.
+pub const PLACEMENT_COLS: usize = BLOCK;
 
 /// Panics unless a `part_rows × part_cols` part fits at `(row, col)` of a `rows × cols`
 /// matrix on a placement boundary (the model computes these offsets; a miss is a bug).
-pub fn check_placement(
+fn check_placement(
     part_rows: usize,
     part_cols: usize,
     row: usize,
@@ -156,8 +152,7 @@ impl Q4Matrix {
     }
 
     /// Scales as the kernels read them: two f16 per u32 word like [`Self::scale_words`], but
-    /// each row starting on a word of its own (`scale_words_per_row` words), so that matrices
-    /// can be placed side by side on the device by copying whole words.
+    /// each row starting on a word of its own, as the kernels index them.
     pub fn row_scale_words(&self) -> Vec<u32> {
         self.scales
             .chunks(self.blocks_per_row().max(1))
@@ -262,7 +257,7 @@ mod tests {
         // 70 columns: 3 blocks per row, so each row's last word has an empty high half.
         let q = Q4Matrix::quantize(&pseudo_random(2 * 70, 4), 2, 70);
         let words = q.row_scale_words();
-        assert_eq!(words.len(), 2 * scale_words_per_row(70));
+        assert_eq!(words.len(), 4);
         let half = |i: usize| q.scales[i].to_bits() as u32;
         assert_eq!(
             words,
