@@ -468,7 +468,7 @@ mod shader {
     /// `share` (a subgroup size dividing 8; 0: off): the subgroup's lanes load a word's 8
     /// activations between them, `8 / share` each, and hand them round with `subgroupBroadcast`
     /// (a register move on a CPU), instead of each loading all 8. Every lane of the subgroup
-    /// must get here together; they all work on the same columns.
+    /// must get here together; they all work on the same columns and tokens.
     #[cube]
     #[allow(clippy::too_many_arguments)] // two blocks of a group of rows, for a group of tokens
     fn add_block_pair<F: Float>(
@@ -492,7 +492,7 @@ mod shader {
         // With `share`: this lane's activations of the current word, `slots` per token (when
         // off, `max(1)` only keeps the unused expressions valid).
         let slots = comptime!(8 / share.max(1));
-        let mut shared = Array::<f32>::new(tile * slots);
+        let mut shared = Array::<f32>::new(comptime!(if share > 0 { tile * slots } else { 1 }));
         let mut lane = 0usize;
         if share > 0 {
             lane = usize::cast_from(UNIT_POS_PLANE);
@@ -556,9 +556,6 @@ mod shader {
                             values[r] = F::cast_from(code_value(packed[r], i));
                         }
                     }
-                    // Columns past the row's end (in its last block) read column 0 and count
-                    // as 0: a select per activation, not a second copy of the loop to compile.
-                    let inside = base + i < cols;
                     #[unroll]
                     for t in 0..tile {
                         let mut xv = if share > 0 {
@@ -567,6 +564,10 @@ mod shader {
                                 comptime!((i % share.max(1)) as u32),
                             )
                         } else {
+                            // Columns past the row's end (in its last block) read column 0 and
+                            // count as 0: a select per activation, not a second copy of the
+                            // loop to compile.
+                            let inside = base + i < cols;
                             let token = select(first + t < tokens, first + t, tokens - 1);
                             let at = token * x_stride + select(inside, base + i, 0usize);
                             select(inside, x[at], f32::new(0.0))
@@ -700,18 +701,19 @@ mod shader {
         let row_groups = rows.div_ceil(group);
         let tiles = tokens.div_ceil(tile);
         let valid = worker < workers_per_tile * tiles && worker % workers_per_tile < row_groups;
-        // Workers past the end clamp their rows and tokens (in `add_block_pair`): with `share`
-        // they load activations for their subgroup, so they keep their subgroup's tokens.
         let row = (worker % workers_per_tile) * group;
-        let first = select(
-            worker / workers_per_tile < tiles,
-            worker / workers_per_tile,
-            tiles - 1,
-        ) * tile;
-        let mut end = select(valid, cols.div_ceil(64), 0usize);
-        if share > 0 {
-            end = cols.div_ceil(64);
-        }
+        let first = (worker / workers_per_tile) * tile;
+        // Who runs the loop: the valid workers; with `share` every worker of a workgroup that
+        // has a valid one (the padding loads activations for the others, rows and tokens
+        // clamped in `add_block_pair`). The test must be uniform across the workgroup, as WGSL
+        // requires of control flow around `subgroupBroadcast`: only whole workgroups past the
+        // end skip it (a long prompt's grid wraps into a second row of workgroups).
+        let runs = if share > 0 {
+            CUBE_POS * (CUBE_DIM as usize) < workers_per_tile * tiles
+        } else {
+            valid
+        };
+        let end = select(runs, cols.div_ceil(64), 0usize);
         let mut acc = Array::<f32>::new(group * tile);
         #[unroll]
         for k in 0..group * tile {
@@ -842,7 +844,9 @@ pub enum KernelChoice {
     #[default]
     Auto = 0,
     /// One output row per thread and no subgroups: core WebGPU only, the way around a driver
-    /// whose subgroup operations misbehave.
+    /// whose subgroup operations misbehave (on a software adapter, whose `Auto` kernels now
+    /// use subgroups too, at 4-5× the cost: it also drops the threads shaped for a CPU, so
+    /// that the browser tests compile the kernel a GPU without subgroups runs).
     Portable = 1,
     /// One subgroup per output row, also on an adapter that calls itself software (cubecl
     /// reports no subgroups there, though SwiftShader has them). The device needs the
@@ -1202,7 +1206,10 @@ pub fn layer_norm(
 /// How many lanes share a word's activation loads ([`KernelPlan::shared_loads`]): the
 /// subgroup size, where the adapter reports one size (min = max) that divides the 8
 /// activations of a word and fits in a software adapter's workgroup (so every subgroup is
-/// whole). `None` otherwise.
+/// whole). `None` otherwise. The kernel also takes a subgroup to be that many consecutive
+/// invocations of the workgroup, aligned to the size: neither WebGPU nor Vulkan promises it,
+/// but it is how both software adapters (llvmpipe, SwiftShader: one SIMD vector per
+/// subgroup) form them, and the plan is only chosen on software adapters.
 fn shared_load_lanes(client: &Client) -> Option<usize> {
     let hardware = &client.properties().hardware;
     let lanes = hardware.plane_size_min;

@@ -162,7 +162,7 @@ impl Q4Matrix {
 
     /// A `rows × cols` matrix holding `parts` at `(row, col)` each and zeros elsewhere (zero
     /// scales, so any code there is worth 0). A part's `col` must be a multiple of
-    /// [`PLACEMENT_COLS`], so that its blocks and scale words stay whole.
+    /// [`PLACEMENT_COLS`], so that its blocks stay whole.
     pub fn assemble(rows: usize, cols: usize, parts: &[(&Q4Matrix, usize, usize)]) -> Q4Matrix {
         let words = padded_cols(cols) / 8;
         let blocks = padded_cols(cols) / BLOCK;

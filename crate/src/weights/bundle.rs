@@ -119,6 +119,7 @@ impl Manifest {
         }
         let mut seen = BTreeSet::new();
         let mut offset = 0u64;
+        let mut last_layer = 0;
         for t in &self.tensors {
             let slot = match target(&t.name, &self.config) {
                 Some(Target::One(slot)) => slot,
@@ -131,6 +132,18 @@ impl Manifest {
             };
             if !seen.insert(slot) {
                 return Err(fail(format!("tensor `{}` is listed twice", t.name)));
+            }
+            // The loader fuses a layer's weights on the host as they arrive: layer by layer,
+            // it holds one layer's at most.
+            if let Slot::Layer(layer, _) = slot {
+                if layer < last_layer {
+                    return Err(fail(format!(
+                        "tensor `{}` comes after layer {last_layer}'s: a bundle stores its \
+                         layers in order",
+                        t.name
+                    )));
+                }
+                last_layer = layer;
             }
             let expected = slot.shape(&self.config);
             if t.shape != expected {
@@ -504,7 +517,7 @@ mod tests {
             vocab_size: 40,
             hidden_size: 48,
             intermediate_size: 64,
-            num_hidden_layers: 1,
+            num_hidden_layers: 2,
             num_attention_heads: 3,
             max_position_embeddings: 16,
             layer_norm_eps: 1e-5,
@@ -701,6 +714,19 @@ mod tests {
                 v["tensors"].as_array_mut().unwrap().pop();
             },
             "lm_head.bias",
+        );
+        check(
+            &|v| {
+                let tensors = v["tensors"].as_array_mut().unwrap();
+                let at = |name: &str| tensors.iter().position(|t| t["name"] == name).unwrap();
+                let (a, b) = (
+                    at("model.layers.0.mlp.fc1.weight"),
+                    at("model.layers.1.mlp.fc1.weight"),
+                );
+                tensors[a]["name"] = "model.layers.1.mlp.fc1.weight".into();
+                tensors[b]["name"] = "model.layers.0.mlp.fc1.weight".into();
+            },
+            "comes after layer 1's: a bundle stores its layers in order",
         );
         check(&|v| v["chunks"][0]["sha256"] = "xyz".into(), "sha256");
         check(

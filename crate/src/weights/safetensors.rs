@@ -1,7 +1,9 @@
 //! Hugging Face safetensors checkpoints (single file or sharded), f32/f16/bf16.
 //!
 //! Shards are handed over one at a time; each tensor is converted, checked and uploaded to
-//! the device as soon as it is read, so host memory never holds more than one shard.
+//! the device as soon as it is read, so host memory never holds more than one shard. (The
+//! assembler is shared with the bundle loader, whose 4-bit projections wait for the rest of
+//! their layer: see [`WeightAssembler`].)
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -37,8 +39,10 @@ enum Stored {
 /// A layer's 4-bit projections are fused into the two weights the model runs
 /// ([`FusedLinear`]) here, on the host, and uploaded once: each is held until the rest of its
 /// fused weight has arrived (a bundle stores a layer's tensors together: at most a layer's
-/// ~44 MB for Phi-2). Fusing them on the device instead copied every weight once more there,
-/// 9 s of a 24 s cached load on a CPU-emulated adapter.
+/// ~44 MB for Phi-2, and a bundle's manifest must list its layers in order). Fusing them on
+/// the device instead copied every weight once more there, 9 s of a 24 s cached load on a
+/// CPU-emulated adapter. A layer mixing 4-bit and f32 projections is assembled in f32 by the
+/// model: its 4-bit parts are uploaded alone as soon as an f32 sibling shows.
 pub struct WeightAssembler {
     config: PhiConfig,
     device: Device,
@@ -102,9 +106,15 @@ impl WeightAssembler {
 
     /// Uploads one f32 parameter, in model layout.
     pub fn insert(&mut self, slot: Slot, tensor: HostTensor, file: &str) -> Result<()> {
+        self.check_new(slot, file)?;
         let len = tensor.data.len();
         let on_device = Tensor::<1>::from_data(TensorData::new(tensor.data, [len]), &self.device);
-        self.store(slot, Stored::Dense(on_device), file)
+        self.store(slot, Stored::Dense(on_device))?;
+        // Its 4-bit siblings will not be fused: they go up alone.
+        match self.fused_weight_of(slot) {
+            Some((layer, fused)) => self.release_pending(layer, fused),
+            None => Ok(()),
+        }
     }
 
     /// Places one 4-bit parameter (checkpoint layout `[out, in]`): a linear weight or the
@@ -117,17 +127,29 @@ impl WeightAssembler {
                 format!("tensor `{}` cannot be 4-bit", slot.hf_name()),
             ));
         }
+        self.check_new(slot, file)?;
+        let shape = slot.shape(&self.config);
+        if [matrix.rows, matrix.cols] != shape[..] {
+            return Err(Error::TensorShape {
+                name: slot.hf_name(),
+                expected: shape,
+                found: vec![matrix.rows, matrix.cols],
+                file: file.to_string(),
+            });
+        }
         let Some((layer, fused)) = self.fused_weight_of(slot) else {
             let stored = Stored::Q4(Q4Weight::upload(matrix, &self.device));
-            return self.store(slot, stored, file);
+            return self.store(slot, stored);
         };
-        self.check_new(slot, file)?;
-        self.pending.insert(slot, matrix);
-        let parts: Vec<Slot> = self.layout[fused]
-            .parts
+        let parts = self.parts_of(layer, fused);
+        let f32_sibling = parts
             .iter()
-            .map(|&(weight, ..)| Slot::Layer(layer, weight))
-            .collect();
+            .any(|part| matches!(self.uploaded.get(part), Some(Stored::Dense(_))));
+        if f32_sibling {
+            let stored = Stored::Q4(Q4Weight::upload(matrix, &self.device));
+            return self.store(slot, stored);
+        }
+        self.pending.insert(slot, matrix);
         if !parts.iter().all(|part| self.pending.contains_key(part)) {
             return Ok(());
         }
@@ -146,10 +168,33 @@ impl WeightAssembler {
         drop(matrices);
         self.fused
             .insert(parts[0], Q4Weight::upload(whole, &self.device));
-        for part in parts {
+        for &part in &parts {
             self.uploaded.insert(part, Stored::Fused);
         }
-        self.flush(slot)
+        self.flush(&format!(
+            "layer {layer}'s fused weight from `{}`",
+            parts[0].hf_name()
+        ))
+    }
+
+    /// The weight slots of layer `layer`'s fused weight `fused` (an index in `layout`).
+    fn parts_of(&self, layer: usize, fused: usize) -> Vec<Slot> {
+        self.layout[fused]
+            .parts
+            .iter()
+            .map(|&(weight, ..)| Slot::Layer(layer, weight))
+            .collect()
+    }
+
+    /// Uploads alone the 4-bit parts of a fused weight that waited for siblings which came in
+    /// f32.
+    fn release_pending(&mut self, layer: usize, fused: usize) -> Result<()> {
+        for part in self.parts_of(layer, fused) {
+            if let Some(matrix) = self.pending.remove(&part) {
+                self.store(part, Stored::Q4(Q4Weight::upload(matrix, &self.device)))?;
+            }
+        }
+        Ok(())
     }
 
     /// The layer and the index in `layout` of the fused weight `slot` is a part of, if any.
@@ -177,36 +222,32 @@ impl WeightAssembler {
         Ok(())
     }
 
-    fn store(&mut self, slot: Slot, stored: Stored, file: &str) -> Result<()> {
-        self.check_new(slot, file)?;
+    /// Keeps an uploaded parameter (checked new with [`Self::check_new`]).
+    fn store(&mut self, slot: Slot, stored: Stored) -> Result<()> {
         self.uploaded.insert(slot, stored);
-        self.flush(slot)
+        self.flush(&format!("`{}`", slot.hf_name()))
     }
 
     /// Hands an upload to the device now (without waiting for it): cubecl queues up to 32
     /// tasks before it submits them, and each queued upload holds its bytes in (wasm) memory.
-    fn flush(&self, slot: Slot) -> Result<()> {
+    fn flush(&self, what: &str) -> Result<()> {
         self.device
             .flush()
-            .map_err(|e| Error::Device(format!("uploading `{}`: {e}", slot.hf_name())))
+            .map_err(|e| Error::Device(format!("uploading {what}: {e}")))
     }
 
-    /// Checks that every parameter arrived and hands them over. 4-bit projections still
-    /// waiting belong with f32 ones (a checkpoint mixing both): they are uploaded alone, and
-    /// the model assembles that layer in f32.
-    pub fn finish(mut self) -> Result<Weights> {
+    /// Checks that every parameter arrived and hands them over. (Nothing waits then: a fused
+    /// weight's parts were either all 4-bit and fused, or released by an f32 sibling.)
+    pub fn finish(self) -> Result<Weights> {
         let missing = Slot::all(&self.config)
             .into_iter()
-            .find(|slot| !self.uploaded.contains_key(slot) && !self.pending.contains_key(slot));
+            .find(|slot| !self.uploaded.contains_key(slot));
         if let Some(slot) = missing {
             return Err(Error::MissingTensor {
                 name: slot.hf_name(),
             });
         }
-        for (slot, matrix) in std::mem::take(&mut self.pending) {
-            let stored = Stored::Q4(Q4Weight::upload(matrix, &self.device));
-            self.uploaded.insert(slot, stored);
-        }
+        debug_assert!(self.pending.is_empty(), "every part arrived, so none waits");
         Ok(Weights {
             config: self.config,
             tensors: self.uploaded,
@@ -240,7 +281,7 @@ impl Weights {
         match self.remove(slot) {
             Stored::Dense(flat) => flat.reshape(dims),
             _ => panic!(
-                "{} is 4-bit; the model takes it with take_linear",
+                "{} is 4-bit; the model takes it with take_linear or take_fused",
                 slot.hf_name()
             ),
         }
@@ -466,5 +507,42 @@ mod tests {
         assert!(assembler.pending.is_empty());
         let fan_in_key = layer(fan_in.parts[0].0);
         assert!(assembler.fused.contains_key(&fan_in_key));
+    }
+
+    #[test]
+    fn a_layer_mixing_4bit_and_f32_projections_holds_nothing_back() {
+        let (config, device) = small();
+        let mut assembler = WeightAssembler::new(config.clone(), device);
+        let layer = |param| Slot::Layer(0, param);
+        let insert_f32 = |assembler: &mut WeightAssembler, slot: Slot| {
+            let shape = slot.shape(&config);
+            let values = vec![0.5; shape[0] * shape[1]];
+            assembler
+                .insert(slot, host_layout(slot, shape, values), "test")
+                .unwrap();
+        };
+        // fc2 waits for dense, which comes in f32: fc2 goes up alone at once.
+        let fc2 = q4(layer(Fc2Weight), &config, 1);
+        assembler.insert_q4(layer(Fc2Weight), fc2, "test").unwrap();
+        assert_eq!(assembler.pending.len(), 1);
+        insert_f32(&mut assembler, layer(DenseWeight));
+        assert!(assembler.pending.is_empty());
+        assert!(matches!(
+            assembler.uploaded.get(&layer(Fc2Weight)),
+            Some(Stored::Q4(_))
+        ));
+        // After an f32 part, 4-bit siblings do not wait.
+        insert_f32(&mut assembler, layer(QWeight));
+        let k = q4(layer(KWeight), &config, 2);
+        assembler.insert_q4(layer(KWeight), k, "test").unwrap();
+        assert!(assembler.pending.is_empty());
+        assert!(assembler.fused.is_empty());
+        // A part of the wrong shape is an error naming it and its file.
+        let wrong = Q4Matrix::quantize(&[0.25; 64], 2, 32);
+        let err = assembler
+            .insert_q4(layer(VWeight), wrong, "bad.bin")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("v_proj") && err.contains("bad.bin"), "{err}");
     }
 }
