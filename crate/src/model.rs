@@ -11,7 +11,7 @@
 //! layer (LayerNorm, `fan_out`, two attention kernels, `fan_in`).
 
 use burn::tensor::activation::softmax;
-use burn::tensor::{s, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::PhiConfig;
 use crate::kernels::{Epilogue, KernelPlan, Q4Weight};
@@ -47,45 +47,23 @@ impl Linear {
         }
     }
 
-    /// One f32 layer of `outputs × inputs` made of `parts` (4-bit ones dequantized), each at
-    /// `(output, input)` offsets, zeros elsewhere; see [`FusedLinear`]. For checkpoints that
-    /// mix 4-bit and f32 tensors (a GGUF file's k-quants are read as f32); the weight
-    /// assembler fuses all-4-bit parts itself, on the host.
+    /// One f32 layer of `outputs × inputs` made of f32 `parts` (`[in, out]` each) at
+    /// `(output, input)` offsets, zeros elsewhere, with `bias`; see [`FusedLinear`]. For
+    /// checkpoints that mix 4-bit and f32 tensors (a GGUF file's k-quants are read as f32);
+    /// the weight assembler fuses all-4-bit parts itself, on the host.
     pub(crate) fn assemble_dense(
         outputs: usize,
         inputs: usize,
-        parts: Vec<(Linear, usize, usize)>,
+        parts: Vec<(Tensor<2>, usize, usize)>,
+        bias: Tensor<1>,
         device: &Device,
     ) -> Linear {
-        let mut biases = Vec::new();
         let mut weight = Tensor::<2>::zeros([inputs, outputs], device);
         for (part, row, col) in parts {
-            let (part, bias) = match part {
-                Linear::Dense { weight, bias } => (weight, bias),
-                Linear::Q4 { weight, bias } => (weight.to_dense(device), bias),
-            };
             let [part_inputs, part_outputs] = part.dims();
             weight = weight.slice_assign([col..col + part_inputs, row..row + part_outputs], part);
-            biases.push((bias, row));
         }
-        let bias = Linear::summed_bias(outputs, biases, device);
         Linear::Dense { weight, bias }
-    }
-
-    /// The bias of `outputs` made of `biases` at their output offsets: those sharing outputs
-    /// (parts side by side along the inputs) add up.
-    pub(crate) fn summed_bias(
-        outputs: usize,
-        biases: Vec<(Tensor<1>, usize)>,
-        device: &Device,
-    ) -> Tensor<1> {
-        let mut sum = Tensor::<1>::zeros([outputs], device);
-        for (bias, row) in biases {
-            let rows = bias.dims()[0];
-            let added = sum.clone().narrow(0, row, rows) + bias;
-            sum = sum.slice_assign(s![row..row + rows], added);
-        }
-        sum
     }
 }
 
