@@ -942,13 +942,13 @@ impl KernelPlan {
     /// How its matmul work is shared out, in words.
     fn shape(&self) -> String {
         let worker = if self.subgroups { "subgroup" } else { "thread" };
-        match (self.software, self.shared_loads) {
-            (true, true) => format!(
-                "a {worker} per {SOFTWARE_ROWS_PER_WORKER} output rows, activation loads shared \
-                 across a subgroup"
-            ),
-            (true, false) => format!("a {worker} per {SOFTWARE_ROWS_PER_WORKER} output rows"),
-            (false, _) => format!("a {worker} per output row"),
+        let shared = match self.shared_loads {
+            true => ", activation loads shared across a subgroup",
+            false => "",
+        };
+        match self.software {
+            true => format!("a {worker} per {SOFTWARE_ROWS_PER_WORKER} output rows{shared}"),
+            false => format!("a {worker} per output row"),
         }
     }
 

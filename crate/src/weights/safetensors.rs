@@ -146,18 +146,17 @@ impl WeightAssembler {
                 file: file.to_string(),
             });
         }
-        let Some((layer, fused)) = self.fused_weight_of(slot) else {
+        // Alone: not part of a fused weight, or one with an f32 part.
+        let fused = self.fused_weight_of(slot).filter(|&(layer, fused)| {
+            !self
+                .parts_of(layer, fused)
+                .iter()
+                .any(|part| matches!(self.uploaded.get(part), Some(Stored::Dense(_))))
+        });
+        let Some((layer, fused)) = fused else {
             let stored = Stored::Q4(Q4Weight::upload(matrix, &self.device));
             return self.store(slot, stored);
         };
-        let parts = self.parts_of(layer, fused);
-        let f32_sibling = parts
-            .iter()
-            .any(|part| matches!(self.uploaded.get(part), Some(Stored::Dense(_))));
-        if f32_sibling {
-            let stored = Stored::Q4(Q4Weight::upload(matrix, &self.device));
-            return self.store(slot, stored);
-        }
         self.pending.insert(slot, matrix);
         self.fuse_when_complete(layer, fused)
     }
@@ -174,11 +173,7 @@ impl WeightAssembler {
         if !complete {
             return Ok(());
         }
-        let bias = fused_bias(&self.layout[fused], layer, &mut self.biases);
-        let bias = Tensor::<1>::from_data(
-            TensorData::new(bias, [self.layout[fused].rows]),
-            &self.device,
-        );
+        let bias = fused_bias(&self.layout[fused], layer, &mut self.biases, &self.device);
         let fused = &self.layout[fused];
         let matrices: Vec<Q4Matrix> = parts
             .iter()
@@ -363,8 +358,7 @@ impl Weights {
         if let Some((weight, bias)) = self.fused.remove(&slot(fused.parts[0].0)) {
             return Linear::Q4 { weight, bias };
         }
-        let bias = fused_bias(fused, layer, &mut self.biases);
-        let bias = Tensor::<1>::from_data(TensorData::new(bias, [fused.rows]), device);
+        let bias = fused_bias(fused, layer, &mut self.biases, device);
         let parts = fused
             .parts
             .iter()
@@ -395,13 +389,15 @@ impl Weights {
     }
 }
 
-/// The bias of layer `layer`'s `fused` weight: its parts' biases (taken from `biases`) at
-/// their output offsets, those sharing outputs (parts side by side along the inputs) added up.
+/// The bias of layer `layer`'s `fused` weight, on `device`: its parts' biases (taken from
+/// `biases`) at their output offsets, those sharing outputs (parts side by side along the
+/// inputs) added up.
 fn fused_bias(
     fused: &FusedLinear,
     layer: usize,
     biases: &mut BTreeMap<Slot, Vec<f32>>,
-) -> Vec<f32> {
+    device: &Device,
+) -> Tensor<1> {
     let mut sum = vec![0.0f32; fused.rows];
     for &(_, bias, row, _) in &fused.parts {
         let part = biases
@@ -411,7 +407,7 @@ fn fused_bias(
             *out += value;
         }
     }
-    sum
+    Tensor::from_data(TensorData::new(sum, [fused.rows]), device)
 }
 
 pub(crate) fn check_shape(
