@@ -431,6 +431,41 @@ mod shader {
         }
     }
 
+    /// `chains` independent chains of `iterations` multiply-adds per thread, in registers:
+    /// the adapter's arithmetic ceiling, as the copy kernel is its memory one. With `params`
+    /// = `[a, b, start]`, chain `j` runs `acc = acc · a + b` from `start + j` towards
+    /// `b / (1 - a)` (`|a| < 1`); `out` holds each thread's sum, so the work cannot be
+    /// optimised away and can be checked.
+    #[cube(launch_unchecked)]
+    pub fn mul_add_kernel(
+        params: &[f32],
+        out: &mut [f32],
+        iterations: u32,
+        #[comptime] chains: usize,
+    ) {
+        let a = params[0];
+        let b = params[1];
+        let mut acc = Array::<f32>::new(chains);
+        #[unroll]
+        for j in 0..chains {
+            acc[j] = params[2] + f32::cast_from(j as u32);
+        }
+        for _ in 0..iterations {
+            #[unroll]
+            for j in 0..chains {
+                acc[j] = acc[j] * a + b;
+            }
+        }
+        let mut total = f32::new(0.0);
+        #[unroll]
+        for j in 0..chains {
+            total += acc[j];
+        }
+        if ABSOLUTE_POS < out.len() {
+            out[ABSOLUTE_POS] = total;
+        }
+    }
+
     /// One thread per output value: row `ids[t]`, column `c` of the table.
     #[cube(launch_unchecked)]
     pub fn q4_rows_kernel(
@@ -1252,6 +1287,34 @@ pub fn copy_words(words: &Tensor<1, Int>) -> Tensor<1, Int> {
             buffer(&input),
             buffer(&output),
             len,
+        );
+    }
+    Tensor::from_primitive::<Cube>(output)
+}
+
+/// `threads` × `iterations` × `chains` multiply-adds in registers
+/// ([`shader::mul_add_kernel`]); each thread's output is `chains / 2` once `iterations` ≥ 64
+/// (every chain converges to 0.5).
+pub fn multiply_adds(device: &Device, threads: usize, iterations: u32, chains: usize) -> Tensor<1> {
+    let params = Tensor::<1>::from_data(TensorData::new(vec![0.5f32, 0.25, 0.125], [3]), device);
+    let params = cube(params);
+    let client = params.client.clone();
+    let output = CubeTensor::new_contiguous(
+        client.clone(),
+        params.device.clone(),
+        Shape::new([threads]),
+        client.empty(threads * 4),
+        DType::F32,
+    );
+    unsafe {
+        shader::mul_add_kernel::launch_unchecked(
+            &client,
+            grid(threads.div_ceil(WORKGROUP as usize)),
+            CubeDim::new_1d(WORKGROUP),
+            buffer(&params),
+            buffer(&output),
+            iterations,
+            chains,
         );
     }
     Tensor::from_primitive::<Cube>(output)

@@ -147,9 +147,12 @@ test('the bench page measures the tiny bundle on WebGPU with the portable kernel
     assert.equal(result.promptTokens, 8);
     assert.equal(result.generatedTokens, 4);
     for (const key of ['loadMs', 'timeToFirstTokenS', 'prefillTokensPerS', 'decodeTokensPerS', 'launchesPerToken',
-      'weightBytesPerToken', 'decodeEffectiveGbPerS', 'copyGbPerS', 'bandwidthRatio', 'wasmMemoryBytes']) {
+      'weightBytesPerToken', 'decodeEffectiveGbPerS', 'copyGbPerS', 'bandwidthRatio', 'wasmMemoryBytes',
+      'prefillDecodeRatio', 'prefillGmacPerS', 'peakGmacPerS', 'prefillPeakShare', 'prefillDecodeCeiling']) {
       assert.ok(Number.isFinite(result[key]) && result[key] > 0, `${key}: ${result[key]}`);
     }
+    // A prefill cannot multiply-add faster than registers alone.
+    assert.ok(result.prefillPeakShare < 1, `prefill / multiply-add rate: ${result.prefillPeakShare}`);
     assert.equal(result.copyBytes, 4 * 2 ** 20);
     assert.match(result.device, /subgroups: (true|false)/);
     assert.match(result.device, /kernels: a thread per output row,/);

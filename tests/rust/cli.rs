@@ -316,10 +316,29 @@ fn synth_and_bench_smoke_run() {
         assert_eq!(report["copyBytes"], 4 << 20, "{report}");
         assert!(report["peakRssBytes"].as_u64().is_some_and(|v| v > 0));
         let launches = report["launchesPerToken"].as_f64().unwrap();
+        let figure = |field: &str| report[field].as_f64();
+        let ratio = figure("prefillTokensPerS").unwrap() / figure("decodeTokensPerS").unwrap();
+        assert!(
+            (figure("prefillDecodeRatio").unwrap() / ratio - 1.0).abs() < 1e-9,
+            "{report}"
+        );
+        assert!(
+            figure("prefillGmacPerS").is_some_and(|v| v > 0.0),
+            "{report}"
+        );
         if backend == "cpu" {
             assert_eq!(launches, 0.0, "{report}");
+            // The CPU backend's matmul is host code: no kernel to measure a ceiling with.
+            for field in ["peakGmacPerS", "prefillPeakShare", "prefillDecodeCeiling"] {
+                assert!(report[field].is_null(), "{field} in {report}");
+            }
         } else {
             assert!(launches >= 1.0, "{report}");
+            // A prefill cannot multiply-add faster than registers alone.
+            let share = figure("prefillPeakShare").unwrap();
+            assert!(share > 0.0 && share < 1.0, "{report}");
+            assert!(figure("peakGmacPerS").is_some_and(|v| v > 0.0), "{report}");
+            assert!(figure("prefillDecodeCeiling").unwrap() > ratio, "{report}");
         }
     }
 }
