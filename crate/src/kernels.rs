@@ -1052,11 +1052,13 @@ pub fn describe_device(device: &Device) -> String {
     match (KernelPlan::offered(device), KernelPlan::best(device)) {
         (Some(offered), Some(used)) => {
             let props = client_of(device).properties().clone();
+            // The adapter's feature: cubecl reports none for a software adapter that has them.
+            let subgroups = offered.subgroups || DEVICE_SUBGROUPS.load(Ordering::Relaxed);
             format!(
                 "{} (subgroups: {}, sizes {}-{}; shader-f16: {}; software adapter: {}; \
                  kernels: {}, f16 products and KV cache: {})",
                 props.identity.name,
-                offered.subgroups,
+                subgroups,
                 props.hardware.plane_size_min,
                 props.hardware.plane_size_max,
                 offered.f16,

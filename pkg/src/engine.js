@@ -6,7 +6,7 @@ import initWasm, { BundleLoading } from './wasm/phi2_web.js';
 import { manifestUrl, openCache } from './cache.js';
 import { abortError, Phi2Error } from './errors.js';
 import {
-  deviceLost, gpuAdapter, maxBufferBytes, resolveKernels, watchDevices,
+  deviceLost, gpuAdapter, maxBufferBytes, nameDevice, resolveKernels, watchDevices,
 } from './webgpu.js';
 
 const DEFAULT_CONCURRENCY = 3;
@@ -344,7 +344,7 @@ export class Engine {
       report('compile', chunks);
       return new Engine(model, {
         backend: chosen.backend,
-        device: model.device,
+        device: nameDevice(model.device, chosen.adapter),
         contextLength: model.contextLength,
         totalBytes,
         loadMs: performance.now() - started,
@@ -427,8 +427,9 @@ export class Engine {
   }
 
   /**
-   * Runs the benchmark `phi2 bench` runs (a synthetic prompt, greedy decoding, a device copy
-   * for comparison) and resolves to its report; ends a running generation first.
+   * Runs the benchmark `phi2 bench` runs (a synthetic prompt, greedy decoding, a device copy and
+   * a register-only multiply-add kernel for comparison) and resolves to its report; ends a
+   * running generation first.
    */
   async bench({ promptTokens = 128, genTokens = 32, copyMb = 64 } = {}) {
     if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
@@ -442,7 +443,8 @@ export class Engine {
     let markIdle;
     this.#idle = new Promise((resolve) => (markIdle = resolve));
     try {
-      return await this.#model.bench(promptTokens, genTokens, copyMb);
+      const report = await this.#model.bench(promptTokens, genTokens, copyMb);
+      return { ...report, device: this.info.device }; // the same device, named (nameDevice)
     } catch (error) {
       throw modelError(error);
     } finally {

@@ -41,6 +41,18 @@ export function deviceLost() {
 }
 
 /**
+ * The engine's device description with the adapter's name in front. wgpu's WebGPU backend leaves
+ * the name blank (the description then starts with its details, " (subgroups: …"); the browser's
+ * GPUAdapterInfo has it. Unchanged on the CPU backend or where a name is already there.
+ */
+export function nameDevice(device, adapter) {
+  if (!adapter || !device.startsWith(' ')) return device;
+  const { description, vendor, architecture } = adapter.info ?? {};
+  const name = description || [vendor, architecture].filter(Boolean).join(' ') || 'WebGPU adapter';
+  return `${name}${device}`;
+}
+
+/**
  * The adapter, or null where there is no usable WebGPU. Asked for as wgpu asks for its own
  * (high performance), so that on a machine with two GPUs its features and limits are those of
  * the adapter the engine runs on.

@@ -6,7 +6,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { resolveKernels } from '../../pkg/src/webgpu.js';
+import { nameDevice, resolveKernels } from '../../pkg/src/webgpu.js';
 
 /** A GPUAdapter as far as resolveKernels looks: its features and what its info says. */
 function adapter(features, info = { isFallbackAdapter: false }) {
@@ -40,4 +40,15 @@ test("an explicit choice is kept; 'subgroups' without them is an OptionError nam
     () => resolveKernels('subgroups', adapter(['shader-f16'])),
     (error) => error.name === 'OptionError' && error.details?.option === 'kernels' && /subgroups/.test(error.message),
   );
+});
+
+test("the device description gets the adapter's name where wgpu leaves it blank", () => {
+  const details = ' (subgroups: true, sizes 32-32; shader-f16: true)';
+  const named = (info) => nameDevice(details, adapter([], info));
+  assert.equal(named({ description: 'NVIDIA H200', vendor: 'nvidia' }), `NVIDIA H200${details}`);
+  assert.equal(named({ description: '', vendor: 'google', architecture: 'swiftshader' }), `google swiftshader${details}`);
+  assert.equal(named({}), `WebGPU adapter${details}`);
+  // A name already there, and the CPU backend's description, stay as they are.
+  assert.equal(nameDevice(`lavapipe${details}`, adapter([], { description: 'other' })), `lavapipe${details}`);
+  assert.equal(nameDevice('cpu (burn-flex)', null), 'cpu (burn-flex)');
 });

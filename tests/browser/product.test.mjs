@@ -156,6 +156,7 @@ test('the bench page measures the tiny bundle on WebGPU with the portable kernel
     assert.equal(result.copyBytes, 4 * 2 ** 20);
     assert.match(result.device, /subgroups: (true|false)/);
     assert.match(result.device, /kernels: a thread per output row,/);
+    assert.match(result.device, /^\S/, 'the device description starts with the adapter\'s name');
   } finally {
     await context.close();
   }
