@@ -239,15 +239,12 @@ impl Session {
             return sample(&mut logits, &self.tokens, &self.params, &mut self.rng);
         }
         let logits = model.forward(&self.tokens[self.cache.len()..], &mut self.cache);
-        let (values, ids) = match self.params.top_k {
-            Some(k) if self.params.temperature > 0.0 => {
-                logits.clone().topk_with_indices(k.min(vocab), 1)
-            }
-            _ => logits.clone().max_dim_with_indices(1),
+        let top_k = match self.params.top_k {
+            Some(k) if self.params.temperature > 0.0 => Some(k.min(vocab)),
+            _ => None,
         };
-        let k = values.dims()[1];
-        let sum = logits.sum_dim(1);
-        let read = read_floats(Tensor::cat(vec![sum, values, ids.float()], 1)).await?;
+        let read = read_floats(device_candidates(logits, top_k)).await?;
+        let k = (read.len() - 1) / 2;
         if !read[0].is_finite() {
             return Err(Error::Device(format!(
                 "the model produced non-finite logits (their sum is {})",
@@ -479,6 +476,17 @@ fn sample_sorted(candidates: &[(u32, f32)], params: &SamplingParams, rng: &mut i
         }
     }
     candidates[probs.len() - 1].0
+}
+
+/// What a step reads back when it picks on the device, `[1, 1 + 2k]`: the logits' sum (finite
+/// only if every logit is), then the `top_k` largest logits (the largest alone for `None`:
+/// greedy) and their ids.
+pub(crate) fn device_candidates(logits: Tensor<2>, top_k: Option<usize>) -> Tensor<2> {
+    let (values, ids) = match top_k {
+        Some(k) => logits.clone().topk_with_indices(k, 1),
+        None => logits.clone().max_dim_with_indices(1),
+    };
+    Tensor::cat(vec![logits.sum_dim(1), values, ids.float()], 1)
 }
 
 pub(crate) async fn read_floats(tensor: Tensor<2>) -> Result<Vec<f32>> {

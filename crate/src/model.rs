@@ -421,8 +421,9 @@ impl Phi {
         self.forward_through(self.layers.len(), tokens, cache)
     }
 
-    /// Compiles the model's kernels for a prompt and a decoded token (sampling's few compile at
-    /// the first generation) for a small part of their work: a two-token prompt then one token
+    /// Compiles the model's kernels for a prompt and a decoded token (the package's warm-up
+    /// also picks a greedy token from the logits, compiling that step's few) for a small part
+    /// of their work: a two-token prompt then one token
     /// through the first layer only (every layer runs the same kernels), the final LayerNorm
     /// and lm_head. On a software adapter one token through the whole model takes seconds. The
     /// logits, `[1, vocab_size]`, are those of that truncated model; nothing is kept.

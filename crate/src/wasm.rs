@@ -233,14 +233,16 @@ impl Phi2Model {
     }
 
     /// Compiles the model's GPU pipelines before the first real prompt (compiling costs
-    /// seconds on first use): see [`crate::Phi::warm_up`].
+    /// seconds on first use): see [`crate::Phi::warm_up`], then a greedy pick from its logits
+    /// (the default sampling's kernels).
     #[wasm_bindgen(js_name = warmUp)]
     #[allow(clippy::await_holding_refcell_ref)] // the borrow is the lock: see `borrow_loaded`
     pub fn warm_up(&self) -> Promise {
         let engine = self.engine.clone();
         future_to_promise(async move {
             let loaded = borrow_loaded(&engine)?;
-            crate::generation::read_floats(loaded.model.warm_up())
+            let logits = loaded.model.warm_up();
+            crate::generation::read_floats(crate::generation::device_candidates(logits, None))
                 .await
                 .map_err(js_error)?;
             Ok(JsValue::UNDEFINED)
