@@ -432,10 +432,10 @@ mod shader {
     }
 
     /// `chains` independent chains of `iterations` multiply-adds per thread, in registers:
-    /// the adapter's arithmetic ceiling, as the copy kernel is its memory one. With `params`
-    /// = `[a, b, start]`, chain `j` runs `acc = acc · a + b` from `start + j` towards
-    /// `b / (1 - a)` (`|a| < 1`); `out` holds each thread's sum, so the work cannot be
-    /// optimised away and can be checked.
+    /// the adapter's f32 arithmetic ceiling, as the copy kernel is its memory one. With
+    /// `params` = `[a, b, start]`, chain `j` of a thread runs `acc = acc · a + b` from
+    /// `start + j + UNIT_POS % 8` towards `b / (1 - a)` (`|a| < 1`); `out` holds each thread's
+    /// sum, so the work cannot be optimised away and can be checked.
     #[cube(launch_unchecked)]
     pub fn mul_add_kernel(
         params: &[f32],
@@ -446,9 +446,11 @@ mod shader {
         let a = params[0];
         let b = params[1];
         let mut acc = Array::<f32>::new(chains);
+        // Starts that differ between threads: identical work could run on a scalar unit.
+        let lane = f32::cast_from(UNIT_POS % 8);
         #[unroll]
         for j in 0..chains {
-            acc[j] = params[2] + f32::cast_from(j as u32);
+            acc[j] = params[2] + lane + f32::cast_from(j as u32);
         }
         for _ in 0..iterations {
             #[unroll]
@@ -1296,7 +1298,7 @@ pub fn copy_words(words: &Tensor<1, Int>) -> Tensor<1, Int> {
 
 /// `threads` × `iterations` × `chains` multiply-adds in registers
 /// ([`shader::mul_add_kernel`]); each thread's output is `chains / 2` once `iterations` ≥ 64
-/// (every chain converges to 0.5).
+/// (every chain, starting at most at 22.125, converges to 0.5).
 pub fn multiply_adds(device: &Device, threads: usize, iterations: u32, chains: usize) -> Tensor<1> {
     let params = Tensor::<1>::from_data(TensorData::new(vec![0.5f32, 0.25, 0.125], [3]), device);
     let params = cube(params);

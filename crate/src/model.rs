@@ -423,10 +423,10 @@ impl Phi {
 
     /// Compiles the model's kernels for a prompt and a decoded token (the package's warm-up
     /// also picks a greedy token from the logits, compiling that step's few) for a small part
-    /// of their work: a two-token prompt then one token
-    /// through the first layer only (every layer runs the same kernels), the final LayerNorm
-    /// and lm_head. On a software adapter one token through the whole model takes seconds. The
-    /// logits, `[1, vocab_size]`, are those of that truncated model; nothing is kept.
+    /// of their work: a two-token prompt then one token through the first layer only (every
+    /// layer runs the same kernels), the final LayerNorm and lm_head. On a software adapter one
+    /// token through the whole model takes seconds. The logits, `[1, vocab_size]`, are those of
+    /// that truncated model; nothing is kept.
     pub fn warm_up(&self) -> Tensor<2> {
         let mut cache = self.cache_for(1);
         // Token 0: every vocabulary has it.

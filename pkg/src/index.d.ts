@@ -138,19 +138,19 @@ export interface BenchReport {
   copyBytes: number;
   /** decodeEffectiveGbPerS / copyGbPerS */
   bandwidthRatio: number;
-  /** prefillTokensPerS / decodeTokensPerS */
-  prefillDecodeRatio: number;
+  /** prefillTokensPerS / decodeTokensPerS; null with one generated token (no decode speed). */
+  prefillDecodeRatio: number | null;
   /** The prefill's linear-layer multiply-adds per second, in billions. */
   prefillGmacPerS: number;
   /**
-   * Register-only multiply-adds per second on the device, in billions, measured in the same run:
-   * the arithmetic ceiling of a prefill, as copyGbPerS is the memory one of a decode. null on the
-   * CPU backend.
+   * Register-only f32 multiply-adds per second on the device, in billions, measured in the same
+   * run: the arithmetic ceiling of an f32 prefill, as copyGbPerS is the memory one of a decode.
+   * null on the CPU backend.
    */
   peakGmacPerS: number | null;
   /** prefillGmacPerS / peakGmacPerS */
   prefillPeakShare: number | null;
-  /** The largest prefillDecodeRatio the device allows at the measured decode speed. */
+  /** The largest prefillDecodeRatio the device allows at the measured decode speed (null without either). */
   prefillDecodeCeiling: number | null;
 }
 

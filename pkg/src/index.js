@@ -226,7 +226,8 @@ export class Phi2 {
   /**
    * Measures this model on this device, like `phi2 bench`: `{promptTokens = 128, genTokens =
    * 32, copyMb = 64}` in; time to first token, prefill and decode tokens/s, kernel launches per
-   * token, effective decode bandwidth and a device copy's bandwidth out.
+   * token, effective decode bandwidth and a device copy's bandwidth, the prefill's and the
+   * device's multiply-add rates and the prefill / decode ratio with its ceiling out.
    */
   async bench(options = {}) {
     try {

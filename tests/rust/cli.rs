@@ -338,9 +338,28 @@ fn synth_and_bench_smoke_run() {
             let share = figure("prefillPeakShare").unwrap();
             assert!(share > 0.0 && share < 1.0, "{report}");
             assert!(figure("peakGmacPerS").is_some_and(|v| v > 0.0), "{report}");
-            assert!(figure("prefillDecodeCeiling").unwrap() > ratio, "{report}");
+            // The ceiling is the ratio a prefill at the peak rate would have.
+            let ceiling = figure("prefillDecodeCeiling").unwrap();
+            assert!((ceiling * share / ratio - 1.0).abs() < 1e-9, "{report}");
         }
     }
+    // One generated token leaves no decode speed: the ratios to it are missing, not infinite.
+    let report = json_stdout(&[
+        "bench",
+        "--model",
+        out.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--prompt-tokens",
+        "4",
+        "--gen-tokens",
+        "1",
+        "--copy-mb",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(report["decodeTokensPerS"], 0.0, "{report}");
+    assert!(report["prefillDecodeRatio"].is_null(), "{report}");
 }
 
 #[test]
