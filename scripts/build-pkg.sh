@@ -22,6 +22,13 @@ fi
 rm -rf pkg/dist
 wasm-bindgen --target web --no-typescript --out-dir pkg/dist/wasm \
     "target/wasm32-unknown-unknown/$out_dir/phi2_web.wasm"
+# The module must run its static constructors once (crate/src/wasm.rs run_static_constructors):
+# where it does not, wasm-ld wraps every export in a `.command_export` that reruns them, about
+# 1 ms per call from JS, dozens of calls per kernel launch.
+if wasm-objdump -x pkg/dist/wasm/phi2_web_bg.wasm | grep -q 'command_export'; then
+    echo "error: the wasm reruns its static constructors on every export call (.command_export wrappers)" >&2
+    exit 1
+fi
 # Function names are half the file; release builds go without (panic messages stay readable).
 [ "$profile" != dev ] && wasm-strip pkg/dist/wasm/phi2_web_bg.wasm
 cp pkg/src/*.js pkg/src/*.d.ts pkg/dist/
