@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::kind::Basic;
+use burn::tensor::{DType, Device, Element, Int, Tensor, TensorData};
 use cubecl::logging::{LaunchObservation, LaunchObserver};
 use serde::Serialize;
 
@@ -127,14 +128,14 @@ pub async fn copy_bandwidth(device: &Device, bytes: u64, now_ms: &dyn Fn() -> f6
         let mut a =
             Tensor::<1, Int>::from_data(TensorData::new(source, [words]), (device, DType::U32));
         let mut b = crate::kernels::copy_words(&a); // compiles the kernel, allocates
-        last_word(b.clone(), words).await?;
+        last_value::<_, u64>(b.clone(), words).await?;
         let started = now_ms();
         for _ in 0..REPEATS {
             b = crate::kernels::copy_words(&a);
             std::mem::swap(&mut a, &mut b);
         }
         // Reading the last copy's last word waits for every copy before it.
-        let last = last_word(a, words).await?;
+        let last: u64 = last_value(a, words).await?;
         let seconds = (now_ms() - started) / 1000.0;
         if last != words as u64 - 1 {
             return Err(Error::Device(format!(
@@ -158,15 +159,9 @@ pub async fn peak_multiply_adds(device: &Device, now_ms: &dyn Fn() -> f64) -> Re
     if crate::kernels::is_cpu(device) {
         return Ok(None);
     }
-    let run = |iterations: u32, chains: usize| async move {
+    let run = |iterations: u32, chains: usize| {
         let sums = crate::kernels::multiply_adds(device, THREADS, iterations, chains);
-        let data = sums
-            .narrow(0, THREADS - 1, 1)
-            .into_data_async()
-            .await
-            .map_err(|e| Error::Device(format!("reading back failed: {e:?}")))?;
-        let sum = data.iter::<f32>().next();
-        sum.ok_or_else(|| Error::Device("reading back gave nothing".into()))
+        last_value::<_, f32>(sums, THREADS)
     };
     let mut best = 0.0f64;
     for chains in [4, 8, 16] {
@@ -211,17 +206,19 @@ fn prefill_multiply_adds_per_token(config: &PhiConfig, tokens: usize) -> f64 {
         .sum()
 }
 
-async fn last_word(words: Tensor<1, Int>, len: usize) -> Result<u64> {
-    let data = words
+/// The last of a device vector's `len` values, read back (which waits for the work before it).
+async fn last_value<K, T>(values: Tensor<1, K>, len: usize) -> Result<T>
+where
+    K: Basic,
+    T: Element,
+{
+    let data = values
         .narrow(0, len - 1, 1)
         .into_data_async()
         .await
         .map_err(|e| Error::Device(format!("reading back failed: {e:?}")))?;
-    let value = data
-        .iter::<u64>()
-        .next()
-        .ok_or_else(|| Error::Device("reading back gave nothing".into()))?;
-    Ok(value)
+    let value = data.iter::<T>().next();
+    value.ok_or_else(|| Error::Device("reading back gave nothing".into()))
 }
 
 /// Runs `prompt_tokens` of a synthetic prompt and `gen_tokens` greedy tokens (speed does not

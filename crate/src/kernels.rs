@@ -1091,13 +1091,7 @@ fn gpu_rows(
     );
     let [ids, codes, scales] = [&ids, codes, scales].map(|t| cube(t.clone()));
     let client = codes.client.clone();
-    let out = CubeTensor::new_contiguous(
-        client.clone(),
-        codes.device.clone(),
-        Shape::new([tokens, cols]),
-        client.empty(tokens * cols * 4),
-        DType::F32,
-    );
+    let out = empty_output(&codes, [tokens, cols], DType::F32);
     unsafe {
         shader::q4_rows_kernel::launch_unchecked(
             &client,
@@ -1209,13 +1203,7 @@ pub fn layer_norm(
     let x = cube(x);
     let (weight, bias) = (cube(weight.clone()), cube(bias.clone()));
     let client = x.client.clone();
-    let out = CubeTensor::new_contiguous(
-        client.clone(),
-        x.device.clone(),
-        Shape::new([rows, cols]),
-        client.empty(rows * cols * 4),
-        DType::F32,
-    );
+    let out = empty_output(&x, [rows, cols], DType::F32);
     // A workgroup of at least one subgroup; on a software adapter one SIMD vector's worth
     // (every thread there repeats the statistics: 8 do it 8× cheaper than 64), whose
     // subgroups share the work where the matmul shares its loads.
@@ -1276,13 +1264,7 @@ pub fn copy_words(words: &Tensor<1, Int>) -> Tensor<1, Int> {
     let len = words.dims()[0];
     let input = cube(words.clone());
     let client = input.client.clone();
-    let output = CubeTensor::new_contiguous(
-        client.clone(),
-        input.device.clone(),
-        Shape::new([len]),
-        client.empty(len * 4),
-        DType::U32,
-    );
+    let output = empty_output(&input, [len], DType::U32);
     unsafe {
         shader::copy_kernel::launch_unchecked(
             &client,
@@ -1303,13 +1285,7 @@ pub fn multiply_adds(device: &Device, threads: usize, iterations: u32, chains: u
     let params = Tensor::<1>::from_data(TensorData::new(vec![0.5f32, 0.25, 0.125], [3]), device);
     let params = cube(params);
     let client = params.client.clone();
-    let output = CubeTensor::new_contiguous(
-        client.clone(),
-        params.device.clone(),
-        Shape::new([threads]),
-        client.empty(threads * 4),
-        DType::F32,
-    );
+    let output = empty_output(&params, [threads], DType::F32);
     unsafe {
         shader::mul_add_kernel::launch_unchecked(
             &client,
@@ -1322,6 +1298,20 @@ pub fn multiply_adds(device: &Device, threads: usize, iterations: u32, chains: u
         );
     }
     Tensor::from_primitive::<Cube>(output)
+}
+
+/// An uninitialised contiguous tensor of `shape` on `like`'s device, for a kernel to write.
+fn empty_output<const D: usize>(like: &CubeTensor, shape: [usize; D], dtype: DType) -> CubeTensor {
+    let bytes = shape.iter().product::<usize>() * dtype.size();
+    let client = like.client.clone();
+    let handle = client.empty(bytes);
+    CubeTensor::new_contiguous(
+        client,
+        like.device.clone(),
+        Shape::new(shape),
+        handle,
+        dtype,
+    )
 }
 
 /// A contiguous tensor's elements as a kernel's buffer argument.
@@ -1361,14 +1351,7 @@ fn gpu_matmul(
     let [codes, scales] = [codes, scales].map(|t| cube(t.clone()));
     let bias = cube(bias.clone());
     let client = x.client.clone();
-    let outputs = rows * tokens;
-    let out = CubeTensor::new_contiguous(
-        client.clone(),
-        x.device.clone(),
-        Shape::new([tokens, rows]),
-        client.empty(outputs * 4),
-        DType::F32,
-    );
+    let out = empty_output(&x, [tokens, rows], DType::F32);
     let share = match plan.shared_loads {
         true => shared_load_lanes(&client).expect("shared loads need one known subgroup size"),
         false => 0,
