@@ -43,6 +43,13 @@ Files written:
                               "cases": [{"ids", "last_logits", "greedy_ids",
                               "greedy_min_margin"}]}, ids and greedy lengths from
                               tests/fixtures/phi-80/reference.json.
+  phi-2-vocab.gguf            general.architecture = "phi2" with microsoft/phi-2's hyperparameters and
+                              tokenizer metadata, no tensors: the token list as llama.cpp's
+                              converter writes it for phi-2, padded to the model's 51 200 rows.
+                              Ids 0..50255 NORMAL (1), <|endoftext|> 50256 CONTROL (3), the 38
+                              whitespace-run tokens 50257..50294 USER_DEFINED (4), and
+                              "[PAD50295]".."[PAD51199]" UNUSED (5). Tests rebuild a tokenizer from
+                              it and compare with crate/assets/tokenizer.json.
   kquants.gguf                general.architecture = "kquant-test"; tensors made from random raw
                               block bytes (numpy default_rng(SEED)) with the f16 scale fields forced
                               to finite values in [0.001, 0.1]: q4_k Q4_K [3, 512], q5_k Q5_K
@@ -82,6 +89,9 @@ EOT_ID = 50256
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
+TOKEN_TYPE_UNUSED = 5
+PHI2_VOCAB_GGUF = "phi-2-vocab.gguf"
+PHI2_VOCAB_ROWS = 51200  # microsoft/phi-2's config.json vocab_size: the embedding's rows
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -594,6 +604,42 @@ def make_kquants(out_path: str, ref_path: str) -> None:
         f.write("\n")
 
 
+# ----------------------------------------------------------------------------- B: phi-2's vocab
+
+def make_phi2_vocab(out_path: str) -> None:
+    """llama.cpp's convert_hf_to_gguf.py (get_vocab_base) lists one token per embedding row:
+    ids the HF tokenizer lacks become "[PAD{id}]" typed UNUSED, added tokens keep their
+    content (Phi-2's whitespace runs as raw spaces and tabs) typed USER_DEFINED, special ones
+    CONTROL."""
+    tokens, types, merges = load_vocab()
+    assert len(tokens) == 50295, len(tokens)
+    for i in range(len(tokens), PHI2_VOCAB_ROWS):
+        tokens.append(f"[PAD{i}]")
+        types.append(TOKEN_TYPE_UNUSED)
+
+    w = gguf.GGUFWriter(out_path, "phi2")
+    w.add_name("phi-2 vocabulary (no tensors)")
+    w.add_context_length(2048)
+    w.add_embedding_length(2560)
+    w.add_feed_forward_length(10240)
+    w.add_block_count(32)
+    w.add_head_count(32)
+    w.add_head_count_kv(32)
+    w.add_layer_norm_eps(1e-5)
+    w.add_rope_dimension_count(32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("phi-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(EOT_ID)
+    w.add_eos_token_id(EOT_ID)
+    w.add_unk_token_id(EOT_ID)
+    w.add_add_bos_token(False)
+    write_gguf(w)
+
+
 def gguf_version() -> str:
     try:
         from importlib.metadata import version
@@ -620,7 +666,9 @@ def main() -> int:
         return 0
     make_phi(phi, os.path.join(OUT_DIR, "phi-80-q4_0.reference.json"))
     make_kquants(kq, os.path.join(OUT_DIR, "kquants.reference.json"))
-    for p in (phi, kq):
+    vocab = os.path.join(OUT_DIR, PHI2_VOCAB_GGUF)
+    make_phi2_vocab(vocab)
+    for p in (phi, kq, vocab):
         print(f"wrote {os.path.relpath(p, ROOT)} ({os.path.getsize(p)} bytes)")
     if args.verify:
         dump_reader(phi)

@@ -1,6 +1,7 @@
 //! Phi-2's tokenizer (GPT-2 byte-level BPE plus whitespace-run tokens) through the `tokenizers`
 //! crate, and streaming detokenization that only ever emits whole characters.
 
+use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
@@ -13,10 +14,46 @@ pub struct PhiTokenizer {
 }
 
 impl PhiTokenizer {
-    pub fn from_bytes(json: &[u8]) -> Result<Self> {
-        Tokenizer::from_bytes(json)
-            .map(|inner| PhiTokenizer { inner })
-            .map_err(|e| Error::Tokenizer(format!("tokenizer.json: {e}")))
+    /// Parses a `tokenizer.json` and checks that every added token keeps the id the file
+    /// gives it; `file` names it in errors.
+    pub fn from_bytes(json: &[u8], file: &str) -> Result<Self> {
+        let inner = Tokenizer::from_bytes(json)
+            .map_err(|e| Error::format(file, format!("not a usable tokenizer.json: {e}")))?;
+        let tokenizer = PhiTokenizer { inner };
+        tokenizer.check_added_token_ids(json, file)?;
+        Ok(tokenizer)
+    }
+
+    /// `tokenizers` only warns when it numbers an added token differently from the file (it
+    /// does so for one missing from the model's vocab), and every prompt with that token would
+    /// then be mis-tokenized. Here that is an error naming the token and both ids.
+    fn check_added_token_ids(&self, json: &[u8], file: &str) -> Result<()> {
+        #[derive(Deserialize)]
+        struct Declared {
+            #[serde(default)]
+            added_tokens: Vec<DeclaredToken>,
+        }
+        #[derive(Deserialize)]
+        struct DeclaredToken {
+            id: u32,
+            content: String,
+        }
+        let declared: Declared = serde_json::from_slice(json)
+            .map_err(|e| Error::format(file, format!("`added_tokens`: {e}")))?;
+        for token in declared.added_tokens {
+            let actual = self.inner.token_to_id(&token.content);
+            if actual != Some(token.id) {
+                let actual = actual.map_or("none".to_string(), |id| id.to_string());
+                return Err(Error::format(
+                    file,
+                    format!(
+                        "added token {:?} is listed with id {} but the tokenizer gives it id {actual}",
+                        token.content, token.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -89,7 +126,7 @@ mod tests {
         /// The Phi-2 `tokenizer.json` built by `scripts/build_tokenizer.py`.
         fn phi2() -> Self {
             let path = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tokenizer.json");
-            Self::from_bytes(&std::fs::read(path).unwrap()).unwrap()
+            Self::from_bytes(&std::fs::read(path).unwrap(), path).unwrap()
         }
     }
 
@@ -106,6 +143,35 @@ mod tests {
         assert_eq!(tok.encode("\t\t\tx").unwrap()[0], 50293);
         assert_eq!(tok.encode("<|endoftext|>").unwrap(), vec![END_OF_TEXT]);
         assert_eq!(tok.vocab_size(), 50295);
+    }
+
+    #[test]
+    fn an_added_token_numbered_other_than_its_file_says_is_an_error() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tokenizer.json");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        // The four-space token listed at an id after a gap: `tokenizers` numbers added tokens
+        // the vocab lacks in order, so it would get another id.
+        let four_spaces = json["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|token| token["content"] == "    ")
+            .unwrap();
+        assert_eq!(four_spaces["id"], 50284);
+        four_spaces["id"] = 51189.into();
+        let err = PhiTokenizer::from_bytes(&serde_json::to_vec(&json).unwrap(), "tok.json")
+            .err()
+            .expect("the mismatch is an error");
+        let message = err.to_string();
+        assert_eq!(err.kind(), "FormatError");
+        assert!(
+            message.starts_with("tok.json: ")
+                && message.contains("\"    \"")
+                && message.contains("51189")
+                && message.contains("50284"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -488,7 +488,8 @@ impl BundleLoading {
 
     #[wasm_bindgen(js_name = setTokenizer)]
     pub fn set_tokenizer(&mut self, bytes: &[u8]) -> std::result::Result<(), JsValue> {
-        self.tokenizer = Some(PhiTokenizer::from_bytes(bytes).map_err(js_error)?);
+        let file = self.loader.manifest().tokenizer.clone();
+        self.tokenizer = Some(PhiTokenizer::from_bytes(bytes, &file).map_err(js_error)?);
         Ok(())
     }
 

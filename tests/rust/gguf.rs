@@ -204,26 +204,85 @@ fn q4_model_matches_transformers_on_dequantized_weights() {
     }
 }
 
+/// Phi-2's `tokenizer.json` (scripts/build_tokenizer.py), from which the GGUF fixtures' token
+/// lists were written.
+fn hf_tokenizer() -> PhiTokenizer {
+    let file = fixture("phi-tok").join("tokenizer.json");
+    PhiTokenizer::from_bytes(&std::fs::read(&file).unwrap(), &file.display().to_string()).unwrap()
+}
+
+fn rebuilt_tokenizer(file: &str) -> PhiTokenizer {
+    let bytes = std::fs::read(gguf_path(file)).unwrap();
+    let gguf = Gguf::parse(&bytes, file).unwrap();
+    PhiTokenizer::from_bytes(&gguf.tokenizer_json().unwrap(), file)
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// Texts that reach every kind of token Phi-2 has: each run of 1..=40 spaces and of tabs at a
+/// line start (the whitespace-run tokens 50257..50294), indented Python, `<|endoftext|>` inside
+/// text, non-ASCII text and emoji.
+fn tokenizer_corpus() -> Vec<String> {
+    let mut corpus = Vec::new();
+    for run in 1..=40 {
+        for unit in [" ", "\t"] {
+            corpus.push(format!("x\n{}y", unit.repeat(run)));
+            corpus.push(format!("{}return n\n", unit.repeat(run)));
+        }
+    }
+    corpus.extend(
+        [
+            "def f(n):\n    return n",
+            "class A:\n    def f(self):\n        if self.x:\n            return [\n                1,\n            ]\n",
+            "def g():\n\tfor i in range(3):\n\t\tprint(i)  # two tabs\n\n\n",
+            "first<|endoftext|>second <|endoftext|><|endoftext|> third",
+            "Instruct: What is a prime?\nOutput:",
+            "naïve café, Ünïcödé, Ελληνικά, русский, 東京, 한국어, العربية",
+            "emoji 🦀👩‍💻🇺🇳 and ZWJ sequences 👨‍👩‍👧‍👦",
+            "mixed \t \t  tabs\t\t\tand    spaces   at the end   ",
+            "[PAD50295] is only text",
+        ]
+        .map(String::from),
+    );
+    corpus
+}
+
 #[test]
 fn tokenizer_rebuilt_from_metadata_matches_tokenizer_json() {
-    let bytes = std::fs::read(gguf_path("phi-80-q4_0.gguf")).unwrap();
-    let gguf = Gguf::parse(&bytes, "phi-80-q4_0.gguf").unwrap();
-    let rebuilt = PhiTokenizer::from_bytes(&gguf.tokenizer_json().unwrap()).unwrap();
-    let original = PhiTokenizer::from_bytes(
-        &std::fs::read(fixture("phi-tok").join("tokenizer.json")).unwrap(),
-    )
-    .unwrap();
-    for text in [
-        "Hello World",
-        "def f():\n    return 1",
-        "a  b\t\tc",
-        "naïve 東京 🦀<|endoftext|>",
-    ] {
-        assert_eq!(
-            rebuilt.encode(text).unwrap(),
-            original.encode(text).unwrap(),
-            "{text:?}"
-        );
+    let original = hf_tokenizer();
+    let corpus = tokenizer_corpus();
+    // phi-80-q4_0.gguf lists the 50 295 tokens; phi-2-vocab.gguf pads them to 51 200 rows as
+    // llama.cpp does for microsoft/phi-2.
+    for file in ["phi-80-q4_0.gguf", "phi-2-vocab.gguf"] {
+        let rebuilt = rebuilt_tokenizer(file);
+        for text in &corpus {
+            let ids = original.encode(text).unwrap();
+            assert_eq!(rebuilt.encode(text).unwrap(), ids, "{file}: {text:?}");
+            assert_eq!(rebuilt.decode(&ids).unwrap(), *text, "{file}: {text:?}");
+        }
+    }
+    // The example: four spaces are 50284, never a padding id.
+    let ids = rebuilt_tokenizer("phi-2-vocab.gguf")
+        .encode("def f(n):\n    return n")
+        .unwrap();
+    assert!(ids.contains(&50284), "{ids:?}");
+}
+
+#[test]
+fn every_id_of_the_padded_vocabulary_decodes() {
+    let original = hf_tokenizer();
+    let rebuilt = rebuilt_tokenizer("phi-2-vocab.gguf");
+    for id in 0..51_200u32 {
+        let text = rebuilt.decode(&[id]).unwrap();
+        if id < 50_295 {
+            assert_eq!(text, original.decode(&[id]).unwrap(), "id {id}");
+        } else {
+            // Hugging Face's tokenizer has no such id and decodes it to nothing; llama.cpp's
+            // list names it "[PAD<id>]".
+            assert!(
+                text.is_empty() || text == format!("[PAD{id}]"),
+                "id {id}: {text:?}"
+            );
+        }
     }
 }
 

@@ -255,7 +255,7 @@ fn logits(args: LogitsArgs) -> Result<()> {
 fn tokenize(args: TokenizeArgs) -> Result<()> {
     let path = args.model.join("tokenizer.json");
     let bytes = read(&path)?;
-    let tokenizer = PhiTokenizer::from_bytes(&bytes)?;
+    let tokenizer = PhiTokenizer::from_bytes(&bytes, &path.display().to_string())?;
     println!("{}", json!(tokenizer.encode(&args.text)?));
     Ok(())
 }

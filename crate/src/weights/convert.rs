@@ -136,7 +136,10 @@ pub fn convert_hf(
         String::from_utf8(read("config.json")?).map_err(|e| io(&dir.join("config.json"), e))?;
     let config = PhiConfig::from_json_str(&config_text)?;
     let tokenizer = read("tokenizer.json")?;
-    crate::tokenizer::PhiTokenizer::from_bytes(&tokenizer)?;
+    crate::tokenizer::PhiTokenizer::from_bytes(
+        &tokenizer,
+        &dir.join("tokenizer.json").display().to_string(),
+    )?;
     let index = dir.join("model.safetensors.index.json");
     let shards = if index.exists() {
         let text = fs::read_to_string(&index).map_err(|e| io(&index, e))?;
@@ -275,11 +278,14 @@ pub fn convert_gguf(
     let label = path.display().to_string();
     let gguf = super::gguf::Gguf::parse(&map, &label)?;
     let config = gguf.phi_config()?;
-    let tokenizer_json = match tokenizer {
-        Some(p) => fs::read(p).map_err(|e| io(p, e))?,
-        None => gguf.tokenizer_json()?,
+    let (tokenizer_json, tokenizer_file) = match tokenizer {
+        Some(p) => (fs::read(p).map_err(|e| io(p, e))?, p.display().to_string()),
+        None => (
+            gguf.tokenizer_json()?,
+            format!("{label} (tokenizer rebuilt from its metadata)"),
+        ),
     };
-    crate::tokenizer::PhiTokenizer::from_bytes(&tokenizer_json)?;
+    crate::tokenizer::PhiTokenizer::from_bytes(&tokenizer_json, &tokenizer_file)?;
     let mut located: BTreeMap<Slot, (usize, Option<usize>)> = BTreeMap::new();
     for (index, t) in gguf.tensors.iter().enumerate() {
         let unexpected = || Error::UnexpectedTensor {

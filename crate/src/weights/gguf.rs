@@ -445,21 +445,21 @@ impl<'a> Gguf<'a> {
         let mut vocab = serde_json::Map::new();
         let mut added = Vec::new();
         for (id, token) in tokens.iter().enumerate() {
+            // Every token goes into the BPE vocab at its own id: `tokenizers` ignores the id an
+            // added token is given and numbers one the vocab lacks after the vocab's count,
+            // which llama.cpp's padding of the list to the model's rows makes wrong. (A string
+            // listed twice keeps its first id; the load-time check then names it.)
+            vocab.entry(token.to_string()).or_insert(json!(id));
             // ggml token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-            match types.get(id).copied().unwrap_or(1) {
-                3..=5 => {
-                    let special = types[id] != 4;
-                    if special {
-                        vocab.insert(token.to_string(), json!(id));
-                    }
-                    added.push(
-                        json!({"id": id, "content": token, "single_word": false, "lstrip": false,
-                        "rstrip": false, "normalized": !special, "special": special}),
-                    );
-                }
-                _ => {
-                    vocab.insert(token.to_string(), json!(id));
-                }
+            // Control and user-defined tokens are matched in text before BPE runs, as Hugging
+            // Face's added tokens are. Unused ones ("[PAD50295]"…) are not: HF has no such ids.
+            let kind = types.get(id).copied().unwrap_or(1);
+            if kind == 3 || kind == 4 {
+                let special = kind == 3;
+                added.push(
+                    json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": !special, "special": special}),
+                );
             }
         }
         let byte_level = |trim: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": trim, "use_regex": true});

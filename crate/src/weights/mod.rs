@@ -151,7 +151,10 @@ async fn load_bundle<S: FileSource>(
     device: &Device,
 ) -> Result<(Phi, PhiTokenizer)> {
     let manifest = parse_manifest(manifest_bytes, &source.locate(bundle::MANIFEST))?;
-    let tokenizer = PhiTokenizer::from_bytes(&read_required(source, &manifest.tokenizer).await?)?;
+    let tokenizer = PhiTokenizer::from_bytes(
+        &read_required(source, &manifest.tokenizer).await?,
+        &source.locate(&manifest.tokenizer),
+    )?;
     let mut loader = BundleLoader::new(manifest, device);
     for index in 0..loader.manifest().chunks.len() {
         let file = loader.manifest().chunks[index].file.clone();
@@ -172,7 +175,7 @@ pub async fn load_hf<S: FileSource>(source: &S, device: &Device) -> Result<(Phi,
         },
     )?;
     let tokenizer_bytes = read_required(source, "tokenizer.json").await?;
-    let tokenizer = PhiTokenizer::from_bytes(&tokenizer_bytes)?;
+    let tokenizer = PhiTokenizer::from_bytes(&tokenizer_bytes, &source.locate("tokenizer.json"))?;
 
     let shards = match source.read("model.safetensors.index.json").await? {
         Some(index) => shard_files(utf8(&index, source, "model.safetensors.index.json")?)?,
