@@ -24,6 +24,8 @@ class WorkerEngine {
   /** Request id → handlers for its messages. */
   #requests = new Map();
   #broken = null;
+  /** Stops the running generation, if any. */
+  #stopGeneration = null;
 
   constructor(worker) {
     this.#worker = worker;
@@ -86,46 +88,81 @@ class WorkerEngine {
     return engine;
   }
 
+  /**
+   * Tokens arrive as the worker makes them, a few ahead of the consumer (worker.js
+   * TOKENS_AHEAD); the consumer takes them at its own pace. Once stopped (signal, stop() or an
+   * early exit) it yields nothing more: tokens already here are dropped, and the stats count
+   * only the tokens the consumer received.
+   */
   async *generate(prompt, options = {}) {
     const { signal, ...params } = options ?? {};
     if (signal !== undefined && !(signal instanceof AbortSignal)) {
       throw new Phi2Error('OptionError', 'signal must be an AbortSignal', { option: 'signal' });
     }
-    // Tokens arrive as the worker makes them; the consumer takes them at its own pace.
     const arrived = [];
     let wake = null;
     let end = null;
-    const id = this.#request({ type: 'generate', prompt, options: params }, signal, (data) => {
+    const id = this.#request({ type: 'generate', prompt, options: params }, undefined, (data) => {
       if (data.type === 'token') arrived.push(data.value);
       else end = data;
       wake?.();
       return data.type !== 'token';
     });
-    this.running = id;
-    let finished = false;
+    let delivered = 0;
+    let stopped = false;
+    const stop = () => {
+      if (stopped) return;
+      stopped = true;
+      if (!end) this.#worker.postMessage({ type: 'abort', id });
+      wake?.();
+    };
+    const untilWoken = async () => {
+      await new Promise((resolve) => (wake = resolve));
+      wake = null;
+    };
+    const finish = () => {
+      if (end.type === 'error') throw Phi2Error.fromJSON(end.error);
+      const stats = stopped && delivered < end.value.generatedTokens
+        ? { ...end.value, generatedTokens: delivered, stopReason: 'cancelled' }
+        : end.value;
+      this.lastStats = stats;
+      return stats;
+    };
+    this.#stopGeneration = stop;
+    signal?.addEventListener('abort', stop, { once: true });
+    if (signal?.aborted) stop();
+    let returned = false;
     try {
-      for (;;) {
-        if (arrived.length > 0) {
-          yield arrived.shift();
+      while (!end || (!stopped && arrived.length > 0)) {
+        if (stopped || arrived.length === 0) {
+          await untilWoken();
           continue;
         }
-        if (end) {
-          finished = true;
-          if (end.type === 'error') throw Phi2Error.fromJSON(end.error);
-          this.lastStats = end.value;
-          return end.value;
-        }
-        await new Promise((resolve) => (wake = resolve));
-        wake = null;
+        delivered += 1;
+        this.#worker.postMessage({ type: 'pull', id, delivered });
+        yield arrived.shift();
       }
+      returned = true;
+      return finish();
     } finally {
-      if (!finished) this.#worker.postMessage({ type: 'abort', id });
-      if (this.running === id) this.running = null;
+      signal?.removeEventListener('abort', stop);
+      if (this.#stopGeneration === stop) this.#stopGeneration = null;
+      if (!returned) {
+        // The consumer left early (break, or an error): the worker stops within a few tokens,
+        // and the stats are still this generation's.
+        stop();
+        while (!end) await untilWoken();
+        try {
+          finish();
+        } catch {
+          // the consumer's own exit or error is what the caller sees
+        }
+      }
     }
   }
 
   stop() {
-    if (this.running) this.#worker.postMessage({ type: 'abort', id: this.running });
+    this.#stopGeneration?.();
   }
 
   bench(options) {
