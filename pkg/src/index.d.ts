@@ -168,6 +168,23 @@ export interface ModelInfo {
   warnings: string[];
 }
 
+/**
+ * What a Phi2 drives: the engine on the calling thread (`worker: false`, engine.js) or the proxy
+ * to the engine in the package's worker (worker-engine.js). Both implement it.
+ */
+export interface Engine {
+  readonly info: ModelInfo;
+  /** The figures of the last finished generation. */
+  readonly lastStats: GenerationStats | undefined;
+  /** One generation at a time: a new one ends the previous (whose cache serves it). */
+  generate(prompt: string, options?: GenerateOptions): AsyncGenerator<GeneratedToken, GenerationStats, undefined>;
+  /** Ends the running generation, if any, before its next token. */
+  stop(): void;
+  bench(options?: BenchOptions): Promise<BenchReport>;
+  /** Frees the model; a later call fails with a StateError. */
+  unload(): Promise<void>;
+}
+
 export declare class Phi2 {
   /** Use Phi2.load(). */
   constructor();

@@ -1,15 +1,15 @@
+// @ts-check
 // The package's module Web Worker: hosts one Engine so that loading and generating never block
-// the page. Messages (index.js is the other side):
-//   page → worker  {type: 'load', id, url, options} | {type: 'generate', id, prompt, options}
-//                  | {type: 'bench', id, options} | {type: 'unload', id}
-//                  | {type: 'pull', id, delivered}  (generation `id`'s consumer has taken
-//                    `delivered` tokens)
-//                  | {type: 'abort', id}  (ends load or generation `id`)
-//   worker → page  {type: 'progress', id, event} | {type: 'token', id, value}
-//                  | {type: 'result', id, value} | {type: 'error', id, error}
+// the page. It speaks the worker protocol (protocol.d.ts) with worker-engine.js on the page.
 
 import { Engine } from './engine.js';
 import { Phi2Error } from './errors.js';
+
+/**
+ * @typedef {import('./protocol.js').WorkerRequest} WorkerRequest
+ * @typedef {import('./protocol.js').WorkerReply} WorkerReply
+ * @typedef {{ controller: AbortController, delivered: number, wake: () => void }} Running
+ */
 
 /**
  * Tokens a generation may run ahead of its consumer: enough to hide a message round trip
@@ -19,52 +19,60 @@ import { Phi2Error } from './errors.js';
  */
 const TOKENS_AHEAD = 4;
 
+/** @type {Engine | null} */
 let engine = null;
-/** Requests not yet finished, by id: {controller, delivered, wake}. */
+/** @type {Map<number, Running>} Requests not yet finished, by id. */
 const requests = new Map();
 /** Requests run one after another; 'pull' and 'abort' act at once. */
 let queue = Promise.resolve();
 
-const post = (message) => self.postMessage(message);
+/** @param {WorkerReply} reply */
+const post = (reply) => self.postMessage(reply);
 
-/** Resolves once the page has taken enough of the `sent` tokens, or the request is aborted. */
+/**
+ * Resolves once the consumer has taken enough of the `sent` tokens, or the request is aborted.
+ * @param {Running} request
+ * @param {number} sent
+ */
 async function untilPulled(request, sent) {
   while (sent >= request.delivered + TOKENS_AHEAD && !request.controller.signal.aborted) {
-    await new Promise((resolve) => (request.wake = resolve));
+    await new Promise((resolve) => (request.wake = () => resolve(undefined)));
   }
 }
 
-async function handle({ type, id, url, prompt, options }) {
-  const request = requests.get(id);
-  const { controller } = request;
+/** @param {WorkerRequest} message */
+async function handle(message) {
+  const { id } = message;
+  const request = /** @type {Running} */ (requests.get(id));
+  const { signal } = request.controller;
   try {
-    if (type === 'load') {
+    if (message.type === 'load') {
       if (engine) await engine.unload();
       engine = null;
-      const onProgress = (event) => post({ type: 'progress', id, event });
-      engine = await Engine.load(url, { ...options, onProgress, signal: controller.signal });
+      const onProgress = (/** @type {import('./index.js').LoadProgress} */ event) => post({ type: 'progress', id, event });
+      engine = await Engine.load(message.url, { ...message.options, onProgress, signal });
       post({ type: 'result', id, value: engine.info });
-    } else if (type === 'generate') {
+    } else if (message.type === 'generate') {
       if (!engine) throw new Phi2Error('StateError', 'no model is loaded; call Phi2.load() first');
-      const tokens = engine.generate(prompt, { ...options, signal: controller.signal });
+      const tokens = engine.generate(message.prompt, { ...message.options, signal });
       for (let sent = 0; ; sent++) {
         await untilPulled(request, sent);
-        const { done, value } = await tokens.next();
-        if (done) {
-          post({ type: 'result', id, value });
+        const next = await tokens.next();
+        if (next.done) {
+          post({ type: 'result', id, value: next.value });
           break;
         }
-        post({ type: 'token', id, value });
+        post({ type: 'token', id, value: next.value });
       }
-    } else if (type === 'bench') {
+    } else if (message.type === 'bench') {
       if (!engine) throw new Phi2Error('StateError', 'no model is loaded; call Phi2.load() first');
-      post({ type: 'result', id, value: await engine.bench(options) });
-    } else if (type === 'unload') {
+      post({ type: 'result', id, value: await engine.bench(message.options) });
+    } else if (message.type === 'unload') {
       await engine?.unload();
       engine = null;
       post({ type: 'result', id, value: null });
     } else {
-      throw new Phi2Error('InternalError', `unknown request "${type}"`);
+      throw new Phi2Error('InternalError', `unknown request "${message.type}"`);
     }
   } catch (error) {
     post({ type: 'error', id, error: Phi2Error.from(error).toJSON() });
@@ -73,7 +81,7 @@ async function handle({ type, id, url, prompt, options }) {
   }
 }
 
-self.onmessage = ({ data }) => {
+self.onmessage = (/** @type {MessageEvent<WorkerRequest>} */ { data }) => {
   const request = requests.get(data.id);
   if (data.type === 'abort' || data.type === 'pull') {
     // Also reaches a request still queued behind another: it then ends as soon as it starts.

@@ -530,3 +530,41 @@ test('the TypeScript typings compile for correct use and reject wrong use', { ti
   }, 'wrong use must not compile');
   for (const line of [2, 3, 4, 5, 6]) assert.match(output, new RegExp(`app\\.ts\\(${line},`), `no error on line ${line}:\n${output}`);
 });
+
+test('the package\'s own engines implement its Engine interface and speak the typed worker protocol', { timeout: 3 * 60 * 1000 }, () => {
+  // The JS is checked where the package ships it (pkg/dist: next to the wasm bindings it imports).
+  const dir = path.join(REPO, 'target', 'engine-typecheck');
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  const tsc = path.join(TESTS, 'node_modules', '.bin', 'tsc');
+  const dist = path.join(REPO, 'pkg', 'dist');
+  const check = (name, files, lib) => {
+    const config = path.join(dir, `${name}.json`);
+    writeFileSync(config, JSON.stringify({
+      compilerOptions: { strict: true, noEmit: true, allowJs: true, target: 'es2022', module: 'es2022', moduleResolution: 'bundler', lib: ['es2022', lib] },
+      files,
+    }));
+    return execFileSync(tsc, ['-p', config], { encoding: 'utf8' });
+  };
+  // The page's side (the in-page engine and the worker's proxy), then the worker's.
+  check('page', [path.join(dist, 'engine.js'), path.join(dist, 'worker-engine.js')], 'dom');
+  check('worker', [path.join(dist, 'worker.js')], 'webworker');
+  // A message the protocol does not have must not compile.
+  const misuse = path.join(dir, 'misuse.ts');
+  writeFileSync(misuse, [
+    `import type { WorkerRequest, WorkerReply } from ${JSON.stringify(path.join(dist, 'protocol.js'))};`,
+    "const pull: WorkerRequest = { type: 'pull', id: 1 };",
+    "const token: WorkerReply = { type: 'token', id: 1, value: 'text' };",
+    'console.log(pull, token);',
+  ].join('\n'));
+  let output = '';
+  assert.throws(() => {
+    try {
+      check('misuse', [misuse], 'dom');
+    } catch (e) {
+      output = e.stdout;
+      throw e;
+    }
+  }, 'a wrong message must not compile');
+  for (const line of [2, 3]) assert.match(output, new RegExp(`misuse\\.ts\\(${line},`), `no error on line ${line}:\n${output}`);
+});

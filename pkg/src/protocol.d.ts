@@ -1,0 +1,34 @@
+// The messages between the page's WorkerEngine (worker-engine.js) and the engine's worker
+// (worker.js). Every message carries the id of the request it belongs to; the page numbers its
+// requests, the worker runs them one after another (pull and abort act at once).
+
+import type { BenchOptions, GenerateOptions, GeneratedToken, LoadProgress, Phi2ErrorDetails, Phi2ErrorName } from './index.js';
+
+/** Load options as they cross to the worker (no callback, no signal: those stay on the page). */
+export interface WorkerLoadOptions {
+  cache?: boolean;
+  backend?: 'auto' | 'webgpu' | 'cpu';
+  concurrency?: number;
+  wasmUrl?: string;
+  stallTimeoutMs?: number;
+  f16?: boolean;
+  kernels?: 'auto' | 'portable' | 'subgroups';
+}
+
+/** Page → worker. */
+export type WorkerRequest =
+  | { type: 'load'; id: number; url: string; options: WorkerLoadOptions }
+  | { type: 'generate'; id: number; prompt: string; options: Omit<GenerateOptions, 'signal'> }
+  | { type: 'bench'; id: number; options: BenchOptions }
+  | { type: 'unload'; id: number }
+  /** Generation `id`'s consumer has taken `delivered` tokens: the worker may run ahead of it. */
+  | { type: 'pull'; id: number; delivered: number }
+  /** Ends load or generation `id` (also while it waits its turn). */
+  | { type: 'abort'; id: number };
+
+/** Worker → page: progress and tokens until one result or error ends the request. */
+export type WorkerReply =
+  | { type: 'progress'; id: number; event: LoadProgress }
+  | { type: 'token'; id: number; value: GeneratedToken }
+  | { type: 'result'; id: number; value: unknown }
+  | { type: 'error'; id: number; error: { name: Phi2ErrorName; message: string; details: Phi2ErrorDetails } };

@@ -1,0 +1,235 @@
+// @ts-check
+// The page's side of the engine worker (worker.js): an Engine (index.d.ts) whose calls become
+// messages of the worker protocol (protocol.d.ts).
+
+import { Phi2Error } from './errors.js';
+
+/**
+ * @typedef {import('./index.js').Engine} Engine
+ * @typedef {import('./index.js').ModelInfo} ModelInfo
+ * @typedef {import('./index.js').GenerationStats} GenerationStats
+ * @typedef {import('./index.js').GeneratedToken} GeneratedToken
+ * @typedef {import('./index.js').GenerateOptions} GenerateOptions
+ * @typedef {import('./index.js').BenchOptions} BenchOptions
+ * @typedef {import('./index.js').BenchReport} BenchReport
+ * @typedef {import('./index.js').LoadProgress} LoadProgress
+ * @typedef {import('./protocol.js').WorkerRequest} WorkerRequest
+ * @typedef {import('./protocol.js').WorkerReply} WorkerReply
+ * @typedef {import('./protocol.js').WorkerLoadOptions} WorkerLoadOptions
+ */
+
+/**
+ * A request without its id (the engine numbers requests).
+ * @typedef {WorkerRequest extends infer R ? (R extends { id: number } ? Omit<R, 'id'> : never) : never} Unnumbered
+ */
+
+/** @implements {Engine} */
+export class WorkerEngine {
+  /** @type {Worker} */
+  #worker;
+  #nextId = 1;
+  /** @type {Map<number, (reply: WorkerReply) => void>} Request id → handler of its replies. */
+  #requests = new Map();
+  /** @type {Phi2Error | null} */
+  #broken = null;
+  /** @type {(() => void) | null} Stops the running generation, if any. */
+  #stopGeneration = null;
+  /** @type {ModelInfo} */
+  info;
+  /** @type {GenerationStats | undefined} */
+  lastStats;
+
+  /**
+   * @param {Worker} worker
+   * @param {ModelInfo} info
+   */
+  constructor(worker, info) {
+    this.#worker = worker;
+    this.info = info;
+    worker.onmessage = ({ data }) => this.#requests.get(data.id)?.(data);
+    worker.onerror = (event) => {
+      event.preventDefault?.();
+      this.#fail(new Phi2Error('InternalError', `the engine's worker failed: ${event.message ?? 'script error'}`));
+    };
+  }
+
+  /**
+   * Starts the package's worker and loads the bundle at `href` (absolute) there.
+   * @param {string} href
+   * @param {WorkerLoadOptions & { onProgress?: (event: LoadProgress) => void, signal?: AbortSignal, workerUrl?: string }} options
+   */
+  static async load(href, { onProgress = () => {}, signal, workerUrl, ...options }) {
+    let worker;
+    try {
+      worker = workerUrl
+        ? new Worker(workerUrl, { type: 'module' })
+        : new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+    } catch (error) {
+      throw new Phi2Error('UnsupportedError', `cannot start the engine's module worker (${error instanceof Error ? error.message : error}); pass worker: false`);
+    }
+    const engine = new WorkerEngine(worker, /** @type {ModelInfo} */ ({}));
+    try {
+      engine.info = /** @type {ModelInfo} */ (await engine.#call({ type: 'load', url: href, options }, signal, onProgress));
+    } catch (error) {
+      worker.terminate();
+      throw error;
+    }
+    return engine;
+  }
+
+  /** @param {Phi2Error} error */
+  #fail(error) {
+    this.#broken = error;
+    for (const [id, handler] of this.#requests) handler({ type: 'error', id, error: error.toJSON() });
+    this.#requests.clear();
+  }
+
+  /** @param {WorkerRequest} message */
+  #post(message) {
+    this.#worker.postMessage(message);
+  }
+
+  /**
+   * Sends a request; `onReply` sees each of its replies until it returns true (the last).
+   * @param {Unnumbered} message
+   * @param {(reply: WorkerReply) => boolean} onReply
+   * @returns {number} the request's id
+   */
+  #send(message, onReply) {
+    if (this.#broken) throw this.#broken;
+    const id = this.#nextId++;
+    this.#requests.set(id, (reply) => {
+      if (onReply(reply)) this.#requests.delete(id);
+    });
+    this.#post(/** @type {WorkerRequest} */ ({ ...message, id }));
+    return id;
+  }
+
+  /**
+   * A request answered by one result (progress events before it go to `onProgress`).
+   * @param {Unnumbered} message
+   * @param {AbortSignal} [signal]
+   * @param {(event: LoadProgress) => void} [onProgress]
+   * @returns {Promise<unknown>}
+   */
+  #call(message, signal, onProgress) {
+    return new Promise((resolve, reject) => {
+      const abort = () => this.#post({ type: 'abort', id });
+      const id = this.#send(message, (reply) => {
+        if (reply.type === 'progress') {
+          onProgress?.(reply.event);
+          return false;
+        }
+        signal?.removeEventListener('abort', abort);
+        if (reply.type === 'result') resolve(reply.value);
+        else if (reply.type === 'error') reject(Phi2Error.fromJSON(reply.error));
+        return true;
+      });
+      signal?.addEventListener('abort', abort, { once: true });
+      if (signal?.aborted) abort();
+    });
+  }
+
+  /**
+   * Tokens arrive as the worker makes them, at most a few ahead of the consumer (worker.js
+   * TOKENS_AHEAD), who takes them at its own pace. Once stopped (signal, stop() or an early
+   * exit) it yields nothing more: tokens already here are dropped, and the stats count only
+   * the tokens the consumer received.
+   * @param {string} prompt
+   * @param {GenerateOptions} [options]
+   * @returns {AsyncGenerator<GeneratedToken, GenerationStats, undefined>}
+   */
+  async *generate(prompt, options = {}) {
+    const { signal, ...params } = options ?? {};
+    if (signal !== undefined && !(signal instanceof AbortSignal)) {
+      throw new Phi2Error('OptionError', 'signal must be an AbortSignal', { option: 'signal' });
+    }
+    /** @type {GeneratedToken[]} */
+    const arrived = [];
+    /** @type {WorkerReply | null} the result or error that ended it */
+    let end = null;
+    /** @type {(() => void) | null} */
+    let wake = null;
+    const id = this.#send({ type: 'generate', prompt, options: params }, (reply) => {
+      if (reply.type === 'token') arrived.push(reply.value);
+      else end = reply;
+      wake?.();
+      return reply.type !== 'token';
+    });
+    let delivered = 0;
+    let stopped = false;
+    const stop = () => {
+      if (stopped) return;
+      stopped = true;
+      if (!end) this.#post({ type: 'abort', id });
+      wake?.();
+    };
+    const untilWoken = async () => {
+      await new Promise((resolve) => (wake = () => resolve(undefined)));
+      wake = null;
+    };
+    /** @param {WorkerReply} reply */
+    const finish = (reply) => {
+      if (reply.type === 'error') throw Phi2Error.fromJSON(reply.error);
+      const stats = /** @type {GenerationStats} */ (reply.type === 'result' ? reply.value : undefined);
+      this.lastStats = stopped && delivered < stats.generatedTokens
+        ? { ...stats, generatedTokens: delivered, stopReason: 'cancelled' }
+        : stats;
+      return this.lastStats;
+    };
+    this.#stopGeneration = stop;
+    signal?.addEventListener('abort', stop, { once: true });
+    if (signal?.aborted) stop();
+    let returned = false;
+    try {
+      while (!end || (!stopped && arrived.length > 0)) {
+        if (stopped || arrived.length === 0) {
+          await untilWoken();
+          continue;
+        }
+        delivered += 1;
+        this.#post({ type: 'pull', id, delivered });
+        yield /** @type {GeneratedToken} */ (arrived.shift());
+      }
+      returned = true;
+      return finish(end);
+    } finally {
+      signal?.removeEventListener('abort', stop);
+      if (this.#stopGeneration === stop) this.#stopGeneration = null;
+      if (!returned) {
+        // The consumer left early (break, or an error): the worker stops within a few tokens,
+        // and the stats are still this generation's.
+        stop();
+        while (!end) await untilWoken();
+        try {
+          finish(end);
+        } catch {
+          // the consumer's own exit or error is what the caller sees
+        }
+      }
+    }
+  }
+
+  stop() {
+    this.#stopGeneration?.();
+  }
+
+  /**
+   * @param {BenchOptions} [options]
+   * @returns {Promise<BenchReport>}
+   */
+  async bench(options = {}) {
+    return /** @type {BenchReport} */ (await this.#call({ type: 'bench', options }));
+  }
+
+  async unload() {
+    if (this.#broken) return;
+    this.stop();
+    try {
+      await this.#call({ type: 'unload' });
+    } finally {
+      this.#worker.terminate();
+      this.#broken = new Phi2Error('StateError', 'the model has been unloaded; load it again');
+    }
+  }
+}
