@@ -34,55 +34,95 @@ impl BackendKind {
         }
     }
 
-    /// Acquires the device. In the browser this must be awaited; natively it completes at once,
-    /// and fails if the kernels already chosen ([`crate::kernels::choose_kernels`]: choose
-    /// first) need what the adapter lacks.
-    /// burn's wgpu runtime can be initialised once per process, so the device is kept and
-    /// every later call (a second model, a reload) shares it.
+    /// Acquires the device (natively it completes at once). burn's wgpu runtime can be
+    /// initialised once per process, so the device is kept and every later call (a second
+    /// model, a reload) shares it.
+    #[cfg(not(target_arch = "wasm32"))]
     pub async fn device(self) -> Result<Device> {
         match self {
             BackendKind::Cpu => Ok(Device::flex()),
-            BackendKind::Wgpu => wgpu_device().await,
+            BackendKind::Wgpu => native_wgpu().map(|gpu| gpu.device.clone()),
+        }
+    }
+
+    /// Acquires the device; `adapter_subgroups` says whether the WebGPU adapter has the
+    /// `subgroups` feature (the package asks for it on the device wherever it is offered),
+    /// which wgpu's WebGPU backend cannot see. The first call in a realm makes the device;
+    /// later ones share it.
+    #[cfg(target_arch = "wasm32")]
+    pub async fn device(self, adapter_subgroups: bool) -> Result<Device> {
+        match self {
+            BackendKind::Cpu => Ok(Device::flex()),
+            BackendKind::Wgpu => webgpu(adapter_subgroups).await.map(|gpu| gpu.device),
         }
     }
 }
 
-/// Natively the device is also checked against the kernels chosen: cubecl reports subgroups
-/// only for adapters that are not CPUs, so whether subgroup kernels can run comes from wgpu's
-/// device ([`crate::kernels::record_device_subgroups`]). (In the browser wgpu cannot see that
-/// feature; the package checks the adapter and says.)
+/// The wgpu device and what its adapter offers that cubecl cannot see.
+#[derive(Clone)]
+struct Gpu {
+    device: Device,
+    /// The adapter's `subgroups` feature: cubecl reports subgroups only for adapters that are
+    /// not CPUs, though lavapipe and SwiftShader have them.
+    subgroups: bool,
+}
+
+/// Whether `device` is a wgpu device whose adapter has the `subgroups` feature, as recorded
+/// when the device was made.
+pub fn adapter_subgroups(device: &Device) -> bool {
+    made_gpu().is_some_and(|gpu| &gpu.device == device && gpu.subgroups)
+}
+
 #[cfg(not(target_arch = "wasm32"))]
-async fn wgpu_device() -> Result<Device> {
+static NATIVE_GPU: std::sync::OnceLock<std::result::Result<Gpu, String>> =
+    std::sync::OnceLock::new();
+
+#[cfg(not(target_arch = "wasm32"))]
+fn native_wgpu() -> Result<&'static Gpu> {
     use burn::tensor::wgpu::wgpu::Features;
-    static DEVICE: std::sync::OnceLock<std::result::Result<Device, String>> =
-        std::sync::OnceLock::new();
-    let device = DEVICE
+    NATIVE_GPU
         .get_or_init(|| {
             let (device, setup) = Device::wgpu_options()
                 .init_with_setup()
                 .map_err(|e| e.to_string())?;
             let subgroups = setup.device.features().contains(Features::SUBGROUP);
-            crate::kernels::record_device_subgroups(subgroups);
-            Ok(device)
+            Ok(Gpu { device, subgroups })
         })
-        .clone()
-        .map_err(|e| Error::Device(format!("no wgpu adapter: {e}")))?;
-    crate::kernels::check_kernel_choice(&device)?;
-    Ok(device)
+        .as_ref()
+        .map_err(|e| Error::Device(format!("no wgpu adapter: {e}")))
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn made_gpu() -> Option<Gpu> {
+    NATIVE_GPU
+        .get()
+        .and_then(|made| made.as_ref().ok())
+        .cloned()
 }
 
 #[cfg(target_arch = "wasm32")]
-async fn wgpu_device() -> Result<Device> {
-    thread_local! {
-        static DEVICE: std::cell::RefCell<Option<Device>> = const { std::cell::RefCell::new(None) };
-    }
-    if let Some(device) = DEVICE.with(|d| d.borrow().clone()) {
-        return Ok(device);
+thread_local! {
+    static WEB_GPU: std::cell::RefCell<Option<Gpu>> = const { std::cell::RefCell::new(None) };
+}
+
+#[cfg(target_arch = "wasm32")]
+async fn webgpu(adapter_subgroups: bool) -> Result<Gpu> {
+    if let Some(gpu) = made_gpu() {
+        return Ok(gpu);
     }
     let device = Device::wgpu_options()
         .init_async()
         .await
         .map_err(|e| Error::Device(format!("no WebGPU adapter: {e}")))?;
-    DEVICE.with(|d| *d.borrow_mut() = Some(device.clone()));
-    Ok(device)
+    let gpu = Gpu {
+        device,
+        subgroups: adapter_subgroups,
+    };
+    WEB_GPU.with(|made| *made.borrow_mut() = Some(gpu.clone()));
+    Ok(gpu)
+}
+
+#[cfg(target_arch = "wasm32")]
+fn made_gpu() -> Option<Gpu> {
+    WEB_GPU.with(|made| made.borrow().clone())
 }

@@ -6,14 +6,17 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use burn::backend::Cube;
 use burn::tensor::kind::Basic;
 use burn::tensor::{DType, Device, Element, Int, Tensor, TensorData};
 use cubecl::logging::{LaunchObservation, LaunchObserver};
+use cubecl::prelude::CubeDim;
 use serde::Serialize;
 
 use crate::config::PhiConfig;
 use crate::error::{Error, Result};
 use crate::generation::{SamplingParams, Session, Timings};
+use crate::kernels::{buffer, cube, describe_device, empty_output, grid, is_cpu, WORKGROUP};
 use crate::model::Phi;
 use crate::tokenizer::PhiTokenizer;
 use crate::weights::bundle::linear_weight_bytes;
@@ -108,11 +111,11 @@ impl LaunchCounter {
 
 /// Device memory-copy bandwidth in GB/s (bytes read + written per second): `bytes` copied
 /// back and forth between two device buffers by the plainest kernel
-/// ([`crate::kernels::copy_words`]), or by `memcpy` in host memory on the CPU backend.
+/// (`copy_words`), or by `memcpy` in host memory on the CPU backend.
 pub async fn copy_bandwidth(device: &Device, bytes: u64, now_ms: &dyn Fn() -> f64) -> Result<f64> {
     const REPEATS: usize = 8;
     let words = (bytes / 4).max(1) as usize;
-    let seconds = if crate::kernels::is_cpu(device) {
+    let seconds = if is_cpu(device) {
         let mut a: Vec<u32> = (0..words as u32).collect();
         let mut b = vec![0u32; words];
         let started = now_ms();
@@ -127,11 +130,11 @@ pub async fn copy_bandwidth(device: &Device, bytes: u64, now_ms: &dyn Fn() -> f6
         let source: Vec<u32> = (0..words as u32).collect();
         let mut a =
             Tensor::<1, Int>::from_data(TensorData::new(source, [words]), (device, DType::U32));
-        let mut b = crate::kernels::copy_words(&a); // compiles the kernel, allocates
+        let mut b = copy_words(&a); // compiles the kernel, allocates
         last_value::<_, u64>(b.clone(), words).await?;
         let started = now_ms();
         for _ in 0..REPEATS {
-            b = crate::kernels::copy_words(&a);
+            b = copy_words(&a);
             std::mem::swap(&mut a, &mut b);
         }
         // Reading the last copy's last word waits for every copy before it.
@@ -148,19 +151,19 @@ pub async fn copy_bandwidth(device: &Device, bytes: u64, now_ms: &dyn Fn() -> f6
     Ok(2.0 * (words * 4) as f64 * REPEATS as f64 / seconds / 1e9)
 }
 
-/// The device's multiply-add rate in GMAC/s ([`crate::kernels::multiply_adds`]): the best of
-/// 4, 8 and 16 independent chains per thread (enough to hide the latency, few enough to stay in
-/// registers: on lavapipe 16 gave 49 G/s, 4 gave 27), each on a grid of threads large enough to
+/// The device's multiply-add rate in GMAC/s (`multiply_adds`): the best of 4, 8 and 16
+/// independent chains per thread (enough to hide the latency, few enough to stay in registers;
+/// which wins depends on the adapter), each on a grid of threads large enough to
 /// fill a big GPU, made 2× longer until a run takes 0.2 s (so no dispatch takes much over
 /// 0.4 s: a long one can freeze a shared GPU's display). None on the CPU backend.
 pub async fn peak_multiply_adds(device: &Device, now_ms: &dyn Fn() -> f64) -> Result<Option<f64>> {
     const THREADS: usize = 1 << 18;
     const MAX_ITERATIONS: u32 = 1 << 22;
-    if crate::kernels::is_cpu(device) {
+    if is_cpu(device) {
         return Ok(None);
     }
     let run = |iterations: u32, chains: usize| {
-        let sums = crate::kernels::multiply_adds(device, THREADS, iterations, chains);
+        let sums = multiply_adds(device, THREADS, iterations, chains);
         last_value::<_, f32>(sums, THREADS)
     };
     let mut best = 0.0f64;
@@ -287,7 +290,7 @@ pub async fn run(
         (stats.decode_tokens_per_s > 0.0).then(|| tokens_per_s / stats.decode_tokens_per_s)
     };
     Ok(BenchReport {
-        device: crate::kernels::describe_device(model.device()),
+        device: describe_device(model.device(), model.kernel_plan()),
         prompt_tokens: stats.prompt_tokens,
         generated_tokens: stats.generated_tokens,
         time_to_first_token_s: stats.time_to_first_token_ms / 1000.0,
@@ -306,6 +309,96 @@ pub async fn run(
         prefill_peak_share: peak.map(|p| prefill_gmac / p),
         prefill_decode_ceiling: peak.and_then(|p| per_decode_speed(p * 1e9 / per_prompt_token)),
     })
+}
+
+/// A copy of `words` made by the plainest kernel: one read and one write per word.
+fn copy_words(words: &Tensor<1, Int>) -> Tensor<1, Int> {
+    let len = words.dims()[0];
+    let input = cube(words.clone());
+    let client = input.client.clone();
+    let output = empty_output(&input, [len], DType::U32);
+    unsafe {
+        shader::copy_kernel::launch_unchecked(
+            &client,
+            grid(len.div_ceil(WORKGROUP as usize)),
+            CubeDim::new_1d(WORKGROUP),
+            buffer(&input),
+            buffer(&output),
+            len,
+        );
+    }
+    Tensor::from_primitive::<Cube>(output)
+}
+
+/// `threads` × `iterations` × `chains` multiply-adds in registers
+/// ([`shader::mul_add_kernel`]); each thread's output is `chains / 2` once `iterations` ≥ 64
+/// (every chain, starting at most at 22.125, converges to 0.5).
+fn multiply_adds(device: &Device, threads: usize, iterations: u32, chains: usize) -> Tensor<1> {
+    let params = Tensor::<1>::from_data(TensorData::new(vec![0.5f32, 0.25, 0.125], [3]), device);
+    let params = cube(params);
+    let client = params.client.clone();
+    let output = empty_output(&params, [threads], DType::F32);
+    unsafe {
+        shader::mul_add_kernel::launch_unchecked(
+            &client,
+            grid(threads.div_ceil(WORKGROUP as usize)),
+            CubeDim::new_1d(WORKGROUP),
+            buffer(&params),
+            buffer(&output),
+            iterations,
+            chains,
+        );
+    }
+    Tensor::from_primitive::<Cube>(output)
+}
+
+mod shader {
+    use cubecl::prelude::*;
+
+    /// `output = input`, one word per thread (the benchmark's memory-copy bandwidth).
+    #[cube(launch_unchecked)]
+    pub fn copy_kernel(input: &[u32], output: &mut [u32], len: usize) {
+        if ABSOLUTE_POS < len {
+            output[ABSOLUTE_POS] = input[ABSOLUTE_POS];
+        }
+    }
+
+    /// `chains` independent chains of `iterations` multiply-adds per thread, in registers:
+    /// the adapter's f32 arithmetic ceiling, as the copy kernel is its memory one. With
+    /// `params` = `[a, b, start]`, chain `j` of a thread runs `acc = acc · a + b` from
+    /// `start + j + UNIT_POS % 8` towards `b / (1 - a)` (`|a| < 1`); `out` holds each thread's
+    /// sum, so the work cannot be optimised away and can be checked.
+    #[cube(launch_unchecked)]
+    pub fn mul_add_kernel(
+        params: &[f32],
+        out: &mut [f32],
+        iterations: u32,
+        #[comptime] chains: usize,
+    ) {
+        let a = params[0];
+        let b = params[1];
+        let mut acc = Array::<f32>::new(chains);
+        // Starts that differ between threads: identical work could run on a scalar unit.
+        let lane = f32::cast_from(UNIT_POS % 8);
+        #[unroll]
+        for j in 0..chains {
+            acc[j] = params[2] + lane + f32::cast_from(j as u32);
+        }
+        for _ in 0..iterations {
+            #[unroll]
+            for j in 0..chains {
+                acc[j] = acc[j] * a + b;
+            }
+        }
+        let mut total = f32::new(0.0);
+        #[unroll]
+        for j in 0..chains {
+            total += acc[j];
+        }
+        if ABSOLUTE_POS < out.len() {
+            out[ABSOLUTE_POS] = total;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! phi2-web: Microsoft's Phi-2 on burn, natively and in the browser over WebGPU.
 //!
-//! One module per concern: [`config`], [`model`], [`weights`] (formats and loaders),
-//! [`tokenizer`], [`generation`] (sampling and the step API), [`backend`], and the wasm
-//! bindings in `wasm`.
+//! One module per concern: [`config`], [`model`] (Phi, named as transformers names it),
+//! [`kernels`] (the GPU kernels by family, with their CPU paths), [`quant`] (the 4-bit
+//! layout), [`weights`] (checkpoint formats and assembling them on the device), [`loading`]
+//! (a model directory from disk or a URL), [`tokenizer`], [`generation`] (sampling and the step
+//! API), [`bench`](mod@bench), [`backend`], and the wasm bindings in `wasm`.
 
 pub mod backend;
 pub mod bench;
@@ -10,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod generation;
 pub mod kernels;
+pub mod loading;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;

@@ -188,6 +188,37 @@ impl Q4Matrix {
         }
     }
 
+    /// `x · Wᵀ` for `x: [tokens, cols]` (row-major), giving `[tokens, rows]`: the CPU
+    /// backend's 4-bit matmul. Each block's products are summed before its scale multiplies
+    /// them, in the order the GPU kernels add them.
+    pub fn matmul(&self, x: &[f32], tokens: usize) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        let words_per_row = padded_cols(cols) / 8;
+        let blocks_per_row = self.blocks_per_row();
+        let scales: Vec<f32> = self.scales.iter().map(|s| s.to_f32()).collect();
+        let mut out = vec![0.0f32; tokens * rows];
+        for t in 0..tokens {
+            let x = &x[t * cols..(t + 1) * cols];
+            for r in 0..rows {
+                let codes = &self.codes[r * words_per_row..(r + 1) * words_per_row];
+                let mut acc = 0.0f32;
+                for b in 0..blocks_per_row {
+                    let mut part = 0.0f32;
+                    for (w, &word) in codes[b * 4..b * 4 + 4].iter().enumerate() {
+                        let base = b * BLOCK + w * 8;
+                        for i in 0..8.min(cols.saturating_sub(base)) {
+                            let q = ((word >> (4 * i)) & 0xF) as f32 - 8.0;
+                            part += q * x[base + i];
+                        }
+                    }
+                    acc += part * scales[r * blocks_per_row + b];
+                }
+                out[t * rows + r] = acc;
+            }
+        }
+        out
+    }
+
     /// `y = x · Wᵀ` for `x: [n, cols]` on the CPU, accumulating per block like the kernels.
     pub fn matmul_reference(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0.0f32; n * self.rows];

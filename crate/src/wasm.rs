@@ -19,7 +19,9 @@ use wasm_bindgen_futures::{future_to_promise, JsFuture};
 
 use crate::error::{Error, Result};
 use crate::generation::{GenerationStats, Timings};
-use crate::weights::{load_model, parse_manifest, BundleLoader, FileSource};
+use crate::kernels::{describe_device, KernelOptions};
+use crate::loading::{load_model, BundleLoader, FileSource};
+use crate::weights::bundle::parse_manifest;
 use crate::{BackendKind, Phi, PhiTokenizer, SamplingParams, Session};
 
 #[wasm_bindgen]
@@ -52,8 +54,8 @@ extern "C" {
 
 /// Runs the static constructors once, when the module is instantiated. Without a call of its
 /// own, wasm-ld runs them again at the start of every exported function, and JS calls into
-/// the module dozens of times per kernel launch (wgpu's WebGPU bindings): about 1 ms a call
-/// in Chromium, which held a 2-layer model's decoding to 5 tokens/s.
+/// the module dozens of times per kernel launch (wgpu's WebGPU bindings): that cost held even
+/// a 2-layer model's decoding in Chromium to a few tokens a second (BENCHMARKS.md).
 #[wasm_bindgen(start)]
 fn run_static_constructors() {
     // Safety: the linker's constructor entry point, called once before any other export.
@@ -142,24 +144,23 @@ fn parse_backend(backend: Option<String>) -> Result<BackendKind> {
     backend.as_deref().unwrap_or("webgpu").parse()
 }
 
-/// `kernels` ("auto", the default, "portable" or "subgroups"), set for the model about to load:
-/// see [`crate::kernels::KernelChoice`]. Here "auto" is what cubecl sees, and through wgpu's
-/// WebGPU backend it never sees subgroups: the package resolves "auto" against the adapter's
-/// features before it calls in (pkg/src/webgpu.js `resolveKernels`), and says in `subgroups`
-/// whether the device has them (it asks for them where offered;
-/// [`crate::kernels::record_device_subgroups`]).
-fn choose_kernels(kernels: Option<String>, subgroups: Option<bool>) -> Result<()> {
-    let choice = kernels.as_deref().unwrap_or("auto").parse()?;
-    crate::kernels::choose_kernels(choice);
-    crate::kernels::record_device_subgroups(subgroups.unwrap_or(false));
-    Ok(())
+/// The model's kernel options from the JS arguments: `kernels` ("auto", the default,
+/// "portable" or "subgroups": see [`crate::kernels::KernelChoice`]) and `f16` (default false).
+/// Here "auto" is what cubecl sees, and through wgpu's WebGPU backend it never sees subgroups:
+/// the package resolves "auto" against the adapter's features before it calls in
+/// (pkg/src/webgpu.js `resolveKernels`).
+fn kernel_options(kernels: Option<String>, f16: Option<bool>) -> Result<KernelOptions> {
+    Ok(KernelOptions {
+        kernels: kernels.as_deref().unwrap_or("auto").parse()?,
+        f16: f16.unwrap_or(false),
+    })
 }
 
 #[wasm_bindgen]
 pub struct Phi2Model {
     engine: Engine,
     backend: BackendKind,
-    /// The adapter and the kernels the model got ([`crate::kernels::describe_device`]).
+    /// The adapter and the kernels the model got ([`describe_device`]).
     device: String,
 }
 
@@ -167,23 +168,28 @@ pub struct Phi2Model {
 impl Phi2Model {
     /// Loads a model directory — a bundle (`manifest.json`) or an HF checkpoint — from
     /// `base_url` with plain requests, on `backend` ("webgpu", the default, or "cpu"), with
-    /// `kernels` and `subgroups` (see [`choose_kernels`]).
+    /// `f16` and `kernels` (see [`kernel_options`]); `subgroups`: whether the adapter has the
+    /// feature (the package asks for it on the device wherever it is offered).
     pub async fn load(
         base_url: String,
         backend: Option<String>,
+        f16: Option<bool>,
         kernels: Option<String>,
         subgroups: Option<bool>,
     ) -> std::result::Result<Phi2Model, JsValue> {
         console_error_panic_hook::set_once();
         let backend = parse_backend(backend).map_err(js_error)?;
-        choose_kernels(kernels, subgroups).map_err(js_error)?;
-        let device = backend.device().await.map_err(js_error)?;
+        let options = kernel_options(kernels, f16).map_err(js_error)?;
+        let device = backend
+            .device(subgroups.unwrap_or(false))
+            .await
+            .map_err(js_error)?;
         let base = if base_url.ends_with('/') {
             base_url
         } else {
             format!("{base_url}/")
         };
-        let (model, tokenizer) = load_model(&HttpSource { base }, &device)
+        let (model, tokenizer) = load_model(&HttpSource { base }, &device, options)
             .await
             .map_err(js_error)?;
         Ok(Phi2Model::new(model, tokenizer, backend))
@@ -306,7 +312,7 @@ impl Phi2Model {
 impl Phi2Model {
     fn new(model: Phi, tokenizer: PhiTokenizer, backend: BackendKind) -> Self {
         Phi2Model {
-            device: crate::kernels::describe_device(model.device()),
+            device: describe_device(model.device(), model.kernel_plan()),
             engine: Rc::new(RefCell::new(Some(Loaded {
                 model,
                 tokenizer,
@@ -427,8 +433,7 @@ pub struct BundleLoading {
 #[wasm_bindgen]
 impl BundleLoading {
     /// Checks the manifest (`manifest_url` names it in errors) and acquires the device.
-    /// `f16`: see [`crate::kernels::allow_f16`] (default false); `kernels` and `subgroups`:
-    /// see [`choose_kernels`].
+    /// `f16`, `kernels` and `subgroups`: as [`Phi2Model::load`] takes them.
     pub async fn start(
         manifest: Vec<u8>,
         manifest_url: String,
@@ -438,13 +443,15 @@ impl BundleLoading {
         subgroups: Option<bool>,
     ) -> std::result::Result<BundleLoading, JsValue> {
         console_error_panic_hook::set_once();
-        crate::kernels::allow_f16(f16.unwrap_or(false));
-        choose_kernels(kernels, subgroups).map_err(js_error)?;
+        let options = kernel_options(kernels, f16).map_err(js_error)?;
         let manifest = parse_manifest(&manifest, &manifest_url).map_err(js_error)?;
         let backend = parse_backend(backend).map_err(js_error)?;
-        let device = backend.device().await.map_err(js_error)?;
+        let device = backend
+            .device(subgroups.unwrap_or(false))
+            .await
+            .map_err(js_error)?;
         Ok(BundleLoading {
-            loader: BundleLoader::new(manifest, &device),
+            loader: BundleLoader::new(manifest, &device, options).map_err(js_error)?,
             tokenizer: None,
             backend,
         })

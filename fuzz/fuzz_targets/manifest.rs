@@ -2,5 +2,5 @@
 //! The bundle manifest reader on arbitrary bytes: an error or a manifest, never a panic.
 
 libfuzzer_sys::fuzz_target!(|bytes: &[u8]| {
-    let _ = phi2_web::weights::parse_manifest(bytes, "manifest.json");
+    let _ = phi2_web::weights::bundle::parse_manifest(bytes, "manifest.json");
 });

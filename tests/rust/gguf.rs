@@ -8,10 +8,11 @@ mod common;
 use std::path::PathBuf;
 
 use common::{fixture, greedy_ids, max_abs_diff, next_logits, Reference, Scratch, BACKENDS};
+use phi2_web::kernels::KernelOptions;
+use phi2_web::loading::load_dir;
 use phi2_web::weights::bundle::{decode, sha256_hex, ChunkStream, Manifest, TensorBytes, MANIFEST};
 use phi2_web::weights::convert::{convert_gguf, convert_hf};
 use phi2_web::weights::gguf::Gguf;
-use phi2_web::weights::load_dir;
 use phi2_web::{block_on, BackendKind, PhiTokenizer, SamplingParams, Session};
 use serde_json::Value;
 
@@ -152,7 +153,7 @@ fn q4_0_carries_over_losslessly_and_agrees_with_the_hf_conversion() {
     let device = block_on(BackendKind::Cpu.device()).unwrap();
     let ids = vec![5u32, 900, 17, 3, 250, 1000, 42];
     let logits = |dir: &std::path::Path| {
-        let (model, _) = load_dir(dir, &device).unwrap();
+        let (model, _) = load_dir(dir, &device, KernelOptions::default()).unwrap();
         let mut session = Session::new(&model, ids.clone(), SamplingParams::default()).unwrap();
         block_on(session.logits(&model)).unwrap()
     };
@@ -185,7 +186,7 @@ fn q4_model_matches_transformers_on_dequantized_weights() {
     .unwrap();
     for backend in BACKENDS {
         let device = block_on(backend.device()).unwrap();
-        let (model, tokenizer) = load_dir(&dir, &device).unwrap();
+        let (model, tokenizer) = load_dir(&dir, &device, KernelOptions::default()).unwrap();
         for case in &expected.cases {
             let diff = max_abs_diff(&next_logits(&model, &case.ids), &case.last_logits);
             eprintln!(

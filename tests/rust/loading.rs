@@ -5,14 +5,15 @@ mod common;
 use std::path::Path;
 
 use common::{fixture, Scratch};
-use phi2_web::weights::load_dir;
+use phi2_web::kernels::KernelOptions;
+use phi2_web::loading::load_dir;
 use phi2_web::{block_on, BackendKind, Error};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 fn load_error(dir: &Path) -> Error {
     let device = block_on(BackendKind::Cpu.device()).unwrap();
-    match load_dir(dir, &device) {
+    match load_dir(dir, &device, KernelOptions::default()) {
         Ok(_) => panic!("{} loaded, expected an error", dir.display()),
         Err(e) => e,
     }
@@ -148,7 +149,7 @@ fn missing_shard_is_named() {
         std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
     }
     let index = std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap();
-    let shard = phi2_web::weights::shard_files(&index)
+    let shard = phi2_web::weights::safetensors::shard_files(&index)
         .unwrap()
         .pop()
         .unwrap();

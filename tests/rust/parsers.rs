@@ -10,8 +10,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::OnceLock;
 
+use phi2_web::weights::assembler::WeightAssembler;
+use phi2_web::weights::bundle::parse_manifest;
 use phi2_web::weights::gguf::Gguf;
-use phi2_web::weights::{parse_manifest, WeightAssembler};
+use phi2_web::weights::safetensors::add_safetensors;
 use phi2_web::PhiConfig;
 use proptest::prelude::*;
 
@@ -156,9 +158,7 @@ fn read_gguf(bytes: &[u8]) -> bool {
 fn read_safetensors(bytes: &[u8]) -> bool {
     let device = burn::tensor::Device::flex();
     let mut assembler = WeightAssembler::new(tiny_config(), device);
-    assembler
-        .add_safetensors(bytes, "model.safetensors")
-        .is_ok()
+    add_safetensors(&mut assembler, bytes, "model.safetensors").is_ok()
 }
 
 const CASES: u32 = 1500;

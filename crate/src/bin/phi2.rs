@@ -8,9 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
 
-use phi2_web::kernels::KernelChoice;
+use phi2_web::kernels::{KernelChoice, KernelOptions};
+use phi2_web::loading::load_dir;
 use phi2_web::weights::convert::{convert_gguf, convert_hf, synthesize, Summary};
-use phi2_web::weights::load_dir;
 use phi2_web::{
     block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session,
 };
@@ -192,10 +192,12 @@ fn main() -> ExitCode {
 }
 
 fn load(args: &ModelArgs) -> Result<(phi2_web::Phi, PhiTokenizer)> {
-    phi2_web::kernels::allow_f16(args.f16);
-    phi2_web::kernels::choose_kernels(args.kernels);
     let device = block_on(args.backend.device())?;
-    load_dir(&args.model, &device)
+    let options = KernelOptions {
+        kernels: args.kernels,
+        f16: args.f16,
+    };
+    load_dir(&args.model, &device, options)
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {

@@ -218,6 +218,16 @@ impl Manifest {
     }
 }
 
+/// Reads `manifest.json`, naming the file in format errors.
+pub fn parse_manifest(bytes: &[u8], location: &str) -> Result<Manifest> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Error::format(location, format!("not UTF-8: {e}")))?;
+    Manifest::parse(text).map_err(|e| match e {
+        Error::Format { message, .. } => Error::format(location, message),
+        other => other,
+    })
+}
+
 /// Bytes of 4-bit weights a decoded token reads: every linear weight once (the embedding
 /// table is looked up row by row, not read whole).
 pub fn linear_weight_bytes(config: &PhiConfig) -> u64 {
@@ -398,8 +408,8 @@ impl ChunkStream {
 
 /// Size and sha256 of chunk `index`'s bytes against the manifest. `digest`: the bytes' sha256
 /// (hex) where the caller has it already, computed over exactly these bytes by faster means
-/// (the browser's WebCrypto: native code off the main thread, where sha2 in wasm took about a
-/// quarter of a cached load); else it is computed here.
+/// (the browser's WebCrypto: native code off the main thread, where sha2 in wasm was a large
+/// share of a cached load: BENCHMARKS.md); else it is computed here.
 pub fn verify_chunk(
     index: usize,
     chunk: &ChunkEntry,
@@ -543,7 +553,7 @@ mod tests {
             let shape = slot.shape(&config);
             let n: usize = shape.iter().product();
             let values: Vec<f32> = (0..n).map(|j| ((i * 7 + j) % 13) as f32 - 6.0).collect();
-            let tensor = if slot.is_linear_weight() || slot == Slot::Embedding {
+            let tensor = if slot.is_linear_weight() || slot == Slot::EmbedTokens {
                 TensorBytes::Q4(Q4Matrix::quantize(&values, shape[0], shape[1]))
             } else {
                 TensorBytes::F32(values)

@@ -33,7 +33,7 @@ fn io(path: &Path, e: impl std::fmt::Display) -> Error {
 
 /// Which tensors are 4-bit: every linear weight and the embedding table.
 fn quantized(slot: Slot) -> bool {
-    slot.is_linear_weight() || slot == Slot::Embedding
+    slot.is_linear_weight() || slot == Slot::EmbedTokens
 }
 
 /// A tensor as a source provides it, in checkpoint layout.
@@ -250,7 +250,8 @@ pub fn synthesize(
         let shape = slot.shape(config);
         let n: usize = shape.iter().product();
         Ok(SlotData::Values(match slot {
-            Slot::FinalNormWeight | Slot::Layer(_, super::LayerParam::NormWeight) => vec![1.0; n],
+            Slot::FinalLayernormWeight
+            | Slot::Layer(_, super::names::LayerParam::InputLayernormWeight) => vec![1.0; n],
             _ => {
                 // Uniform with the variance of a 1/sqrt(fan_in) normal: activations stay sane.
                 let bound = 3f32.sqrt() / (*shape.last().unwrap() as f32).sqrt();

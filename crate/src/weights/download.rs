@@ -11,8 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::bundle::{verify_chunk, MANIFEST};
-use super::parse_manifest;
+use super::bundle::{parse_manifest, verify_chunk, MANIFEST};
 use crate::error::{Error, Result};
 
 /// The largest manifest or tokenizer accepted: a server cannot make us buffer more.

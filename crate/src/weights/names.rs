@@ -6,14 +6,14 @@ use crate::config::PhiConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LayerParam {
-    NormWeight,
-    NormBias,
-    QWeight,
-    QBias,
-    KWeight,
-    KBias,
-    VWeight,
-    VBias,
+    InputLayernormWeight,
+    InputLayernormBias,
+    QProjWeight,
+    QProjBias,
+    KProjWeight,
+    KProjBias,
+    VProjWeight,
+    VProjBias,
     DenseWeight,
     DenseBias,
     Fc1Weight,
@@ -25,24 +25,24 @@ pub enum LayerParam {
 /// One model parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Slot {
-    Embedding,
+    EmbedTokens,
     Layer(usize, LayerParam),
-    FinalNormWeight,
-    FinalNormBias,
+    FinalLayernormWeight,
+    FinalLayernormBias,
     LmHeadWeight,
     LmHeadBias,
 }
 
 impl LayerParam {
     pub const ALL: [LayerParam; 14] = [
-        LayerParam::NormWeight,
-        LayerParam::NormBias,
-        LayerParam::QWeight,
-        LayerParam::QBias,
-        LayerParam::KWeight,
-        LayerParam::KBias,
-        LayerParam::VWeight,
-        LayerParam::VBias,
+        LayerParam::InputLayernormWeight,
+        LayerParam::InputLayernormBias,
+        LayerParam::QProjWeight,
+        LayerParam::QProjBias,
+        LayerParam::KProjWeight,
+        LayerParam::KProjBias,
+        LayerParam::VProjWeight,
+        LayerParam::VProjBias,
         LayerParam::DenseWeight,
         LayerParam::DenseBias,
         LayerParam::Fc1Weight,
@@ -53,14 +53,14 @@ impl LayerParam {
 
     fn suffix(self) -> &'static str {
         match self {
-            LayerParam::NormWeight => "input_layernorm.weight",
-            LayerParam::NormBias => "input_layernorm.bias",
-            LayerParam::QWeight => "self_attn.q_proj.weight",
-            LayerParam::QBias => "self_attn.q_proj.bias",
-            LayerParam::KWeight => "self_attn.k_proj.weight",
-            LayerParam::KBias => "self_attn.k_proj.bias",
-            LayerParam::VWeight => "self_attn.v_proj.weight",
-            LayerParam::VBias => "self_attn.v_proj.bias",
+            LayerParam::InputLayernormWeight => "input_layernorm.weight",
+            LayerParam::InputLayernormBias => "input_layernorm.bias",
+            LayerParam::QProjWeight => "self_attn.q_proj.weight",
+            LayerParam::QProjBias => "self_attn.q_proj.bias",
+            LayerParam::KProjWeight => "self_attn.k_proj.weight",
+            LayerParam::KProjBias => "self_attn.k_proj.bias",
+            LayerParam::VProjWeight => "self_attn.v_proj.weight",
+            LayerParam::VProjBias => "self_attn.v_proj.bias",
             LayerParam::DenseWeight => "self_attn.dense.weight",
             LayerParam::DenseBias => "self_attn.dense.bias",
             LayerParam::Fc1Weight => "mlp.fc1.weight",
@@ -74,9 +74,9 @@ impl LayerParam {
     pub fn is_linear_weight(self) -> bool {
         matches!(
             self,
-            LayerParam::QWeight
-                | LayerParam::KWeight
-                | LayerParam::VWeight
+            LayerParam::QProjWeight
+                | LayerParam::KProjWeight
+                | LayerParam::VProjWeight
                 | LayerParam::DenseWeight
                 | LayerParam::Fc1Weight
                 | LayerParam::Fc2Weight
@@ -87,13 +87,13 @@ impl LayerParam {
 impl Slot {
     /// Every parameter a model of this config needs.
     pub fn all(config: &PhiConfig) -> Vec<Slot> {
-        let mut slots = vec![Slot::Embedding];
+        let mut slots = vec![Slot::EmbedTokens];
         for layer in 0..config.num_hidden_layers {
             slots.extend(LayerParam::ALL.iter().map(|&p| Slot::Layer(layer, p)));
         }
         slots.extend([
-            Slot::FinalNormWeight,
-            Slot::FinalNormBias,
+            Slot::FinalLayernormWeight,
+            Slot::FinalLayernormBias,
             Slot::LmHeadWeight,
             Slot::LmHeadBias,
         ]);
@@ -108,17 +108,17 @@ impl Slot {
             config.vocab_size,
         );
         match self {
-            Slot::Embedding => vec![v, h],
+            Slot::EmbedTokens => vec![v, h],
             Slot::LmHeadWeight => vec![v, h],
             Slot::LmHeadBias => vec![v],
-            Slot::FinalNormWeight | Slot::FinalNormBias => vec![h],
+            Slot::FinalLayernormWeight | Slot::FinalLayernormBias => vec![h],
             Slot::Layer(_, p) => match p {
                 LayerParam::Fc1Weight => vec![i, h],
                 LayerParam::Fc1Bias => vec![i],
                 LayerParam::Fc2Weight => vec![h, i],
-                LayerParam::QWeight
-                | LayerParam::KWeight
-                | LayerParam::VWeight
+                LayerParam::QProjWeight
+                | LayerParam::KProjWeight
+                | LayerParam::VProjWeight
                 | LayerParam::DenseWeight => vec![h, h],
                 _ => vec![h],
             },
@@ -136,10 +136,10 @@ impl Slot {
     /// The transformers name, used in messages.
     pub fn hf_name(self) -> String {
         match self {
-            Slot::Embedding => "model.embed_tokens.weight".into(),
+            Slot::EmbedTokens => "model.embed_tokens.weight".into(),
             Slot::Layer(n, p) => format!("model.layers.{n}.{}", p.suffix()),
-            Slot::FinalNormWeight => "model.final_layernorm.weight".into(),
-            Slot::FinalNormBias => "model.final_layernorm.bias".into(),
+            Slot::FinalLayernormWeight => "model.final_layernorm.weight".into(),
+            Slot::FinalLayernormBias => "model.final_layernorm.bias".into(),
             Slot::LmHeadWeight => "lm_head.weight".into(),
             Slot::LmHeadBias => "lm_head.bias".into(),
         }
@@ -168,9 +168,9 @@ impl Target {
             Target::FusedQkv { layer, bias } => {
                 use LayerParam::*;
                 let params = if bias {
-                    [QBias, KBias, VBias]
+                    [QProjBias, KProjBias, VProjBias]
                 } else {
-                    [QWeight, KWeight, VWeight]
+                    [QProjWeight, KProjWeight, VProjWeight]
                 };
                 params
                     .into_iter()
@@ -188,9 +188,9 @@ pub fn target(name: &str, config: &PhiConfig) -> Option<Target> {
         return Some(Target::Ignored);
     }
     let slot = match name {
-        "model.embed_tokens.weight" | "transformer.embd.wte.weight" => Slot::Embedding,
-        "model.final_layernorm.weight" | "lm_head.ln.weight" => Slot::FinalNormWeight,
-        "model.final_layernorm.bias" | "lm_head.ln.bias" => Slot::FinalNormBias,
+        "model.embed_tokens.weight" | "transformer.embd.wte.weight" => Slot::EmbedTokens,
+        "model.final_layernorm.weight" | "lm_head.ln.weight" => Slot::FinalLayernormWeight,
+        "model.final_layernorm.bias" | "lm_head.ln.bias" => Slot::FinalLayernormBias,
         "lm_head.weight" | "lm_head.linear.weight" => Slot::LmHeadWeight,
         "lm_head.bias" | "lm_head.linear.bias" => Slot::LmHeadBias,
         _ => return layer_target(name, config),
@@ -249,8 +249,8 @@ fn layer_target(name: &str, config: &PhiConfig) -> Option<Target> {
         return Some(Target::One(Slot::Layer(layer, param)));
     }
     let param = match suffix {
-        "ln.weight" => LayerParam::NormWeight,
-        "ln.bias" => LayerParam::NormBias,
+        "ln.weight" => LayerParam::InputLayernormWeight,
+        "ln.bias" => LayerParam::InputLayernormBias,
         "mixer.Wqkv.weight" => return Some(Target::FusedQkv { layer, bias: false }),
         "mixer.Wqkv.bias" => return Some(Target::FusedQkv { layer, bias: true }),
         "mixer.out_proj.weight" => LayerParam::DenseWeight,
@@ -288,7 +288,7 @@ mod tests {
         );
         assert_eq!(
             target("lm_head.ln.weight", &config),
-            Some(Target::One(Slot::FinalNormWeight))
+            Some(Target::One(Slot::FinalLayernormWeight))
         );
         assert_eq!(target("model.layers.32.mlp.fc1.weight", &config), None);
         assert_eq!(target("model.layers.x.mlp.fc1.weight", &config), None);
@@ -301,12 +301,12 @@ mod tests {
         let via_gguf = |name: &str| target(&hf_name_of_gguf(name).unwrap(), &config);
         assert_eq!(
             via_gguf("token_embd.weight"),
-            Some(Target::One(Slot::Embedding))
+            Some(Target::One(Slot::EmbedTokens))
         );
         assert_eq!(via_gguf("output.bias"), Some(Target::One(Slot::LmHeadBias)));
         assert_eq!(
             via_gguf("output_norm.weight"),
-            Some(Target::One(Slot::FinalNormWeight))
+            Some(Target::One(Slot::FinalLayernormWeight))
         );
         assert_eq!(
             via_gguf("blk.7.ffn_down.weight"),

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use phi2_web::kernels::KernelOptions;
 use phi2_web::model::FIRST_ALLOCATION;
 use phi2_web::{block_on, BackendKind, Phi, PhiTokenizer, SamplingParams, Session};
 use serde::Deserialize;
@@ -40,8 +41,12 @@ pub fn reference(name: &str) -> Reference {
 pub const BACKENDS: [BackendKind; 2] = [BackendKind::Cpu, BackendKind::Wgpu];
 
 pub fn load(name: &str, backend: BackendKind) -> (Phi, PhiTokenizer) {
+    load_with(name, backend, KernelOptions::default())
+}
+
+pub fn load_with(name: &str, backend: BackendKind, options: KernelOptions) -> (Phi, PhiTokenizer) {
     let device = block_on(backend.device()).unwrap();
-    phi2_web::weights::load_dir(&fixture(name), &device)
+    phi2_web::loading::load_dir(&fixture(name), &device, options)
         .unwrap_or_else(|e| panic!("loading {name} on {backend:?}: {e}"))
 }
 
