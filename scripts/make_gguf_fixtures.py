@@ -212,6 +212,34 @@ def dump_reader(path: str) -> None:
               f"bytes={int(t.n_bytes)} off={int(t.data_offset)}")
 
 
+def phi2_writer(out_path, name, *, context, embedding, feed_forward, blocks, heads, heads_kv,
+                eps, rope_dims, tokens, types, merges) -> gguf.GGUFWriter:
+    """A GGUF writer for architecture phi2 with its hyperparameters and tokenizer metadata
+    written as llama.cpp's converter writes them (Phi2Model: add_bos_token = false, pre =
+    "phi-2")."""
+    w = gguf.GGUFWriter(out_path, "phi2")  # writes general.architecture first
+    w.add_name(name)
+    w.add_context_length(context)
+    w.add_embedding_length(embedding)
+    w.add_feed_forward_length(feed_forward)
+    w.add_block_count(blocks)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads_kv)
+    w.add_layer_norm_eps(eps)
+    w.add_rope_dimension_count(rope_dims)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("phi-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(EOT_ID)
+    w.add_eos_token_id(EOT_ID)
+    w.add_unk_token_id(EOT_ID)
+    w.add_add_bos_token(False)
+    return w
+
+
 # ----------------------------------------------------------------------------- A: phi-80
 
 def load_vocab():
@@ -318,27 +346,10 @@ def make_phi(out_path: str, ref_path: str) -> None:
     assert types[EOT_ID] == TOKEN_TYPE_CONTROL
     assert all(t == TOKEN_TYPE_USER_DEFINED for t in types[50257:])
 
-    w = gguf.GGUFWriter(out_path, "phi2")  # writes general.architecture first
-    w.add_name("phi-80 test fixture")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_block_count(n_layer)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_layer_norm_eps(cfg["layer_norm_eps"])
-    w.add_rope_dimension_count(rot_dims)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    # llama.cpp's Phi2Model writes add_bos_token = false and pre = "phi-2" as well.
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("phi-2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(EOT_ID)
-    w.add_eos_token_id(EOT_ID)
-    w.add_unk_token_id(EOT_ID)
-    w.add_add_bos_token(False)
+    w = phi2_writer(out_path, "phi-80 test fixture", context=cfg["max_position_embeddings"],
+                    embedding=n_embd, feed_forward=cfg["intermediate_size"], blocks=n_layer,
+                    heads=n_head, heads_kv=n_head_kv, eps=cfg["layer_norm_eps"],
+                    rope_dims=rot_dims, tokens=tokens, types=types, merges=merges)
 
     plan = phi_plan(cfg, hf)
     for gname, qt, arr, _ in plan:
@@ -617,26 +628,9 @@ def make_phi2_vocab(out_path: str) -> None:
         tokens.append(f"[PAD{i}]")
         types.append(TOKEN_TYPE_UNUSED)
 
-    w = gguf.GGUFWriter(out_path, "phi2")
-    w.add_name("phi-2 vocabulary (no tensors)")
-    w.add_context_length(2048)
-    w.add_embedding_length(2560)
-    w.add_feed_forward_length(10240)
-    w.add_block_count(32)
-    w.add_head_count(32)
-    w.add_head_count_kv(32)
-    w.add_layer_norm_eps(1e-5)
-    w.add_rope_dimension_count(32)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("phi-2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(EOT_ID)
-    w.add_eos_token_id(EOT_ID)
-    w.add_unk_token_id(EOT_ID)
-    w.add_add_bos_token(False)
+    w = phi2_writer(out_path, "phi-2 vocabulary (no tensors)", context=2048, embedding=2560,
+                    feed_forward=10240, blocks=32, heads=32, heads_kv=32, eps=1e-5, rope_dims=32,
+                    tokens=tokens, types=types, merges=merges)
     write_gguf(w)
 
 
