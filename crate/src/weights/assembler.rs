@@ -305,7 +305,13 @@ impl WeightAssembler {
 
     /// Hands an upload to the device now (without waiting for it): cubecl queues up to 32
     /// tasks before it submits them, and each queued upload holds its bytes in (wasm) memory.
+    /// cubecl 0.11.3's flush submits nothing while no kernel is queued, and then an upload's
+    /// staging copy waits for 64 more writes: a one-element fill queues one. (Before the
+    /// kernel options were passed explicitly, every upload made such a tensor while asking
+    /// which kernels to use; without it a native load on lavapipe held more memory at its peak
+    /// and took longer: BENCHMARKS.md.)
     fn flush(&self, what: &str) -> Result<()> {
+        drop(Tensor::<1>::zeros([1], &self.device));
         self.device
             .flush()
             .map_err(|e| Error::Device(format!("uploading {what}: {e}")))
