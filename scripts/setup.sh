@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up for building and testing phi2-web on a Debian-like machine (CI included):
-# system packages (Chromium, Mesa), the wasm32 toolchain (rustup, or Debian's rustc-web when the
+# system packages (Chromium, Firefox, Mesa), the wasm32 toolchain (rustup, or Debian's rustc-web when the
 # Rust distribution server is unreachable), wasm-bindgen-cli at the exact version Cargo.lock
-# pins, and the test harness's npm packages.
+# pins, and the test harness's npm packages (playwright-core drives Chromium, puppeteer-core
+# Firefox).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tools
@@ -25,11 +26,11 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-# Chromium drives the browser tests (WebGPU on SwiftShader); Mesa's EGL/GL (llvmpipe) gives
-# native wgpu an adapter on machines without a GPU, and its lavapipe (Vulkan, with subgroups
-# and shader-f16) runs every 4-bit kernel variant; wabt's wasm-strip drops the wasm's name
-# section (half the file) from release builds.
-apt_install chromium libegl1 libegl-mesa0 libgl1-mesa-dri mesa-vulkan-drivers wabt
+# Chromium and Firefox run the browser tests (WebGPU on SwiftShader and on lavapipe); Mesa's
+# EGL/GL (llvmpipe) gives native wgpu an adapter on machines without a GPU, and its lavapipe
+# (Vulkan, with subgroups and shader-f16) runs every 4-bit kernel variant and Firefox's
+# WebGPU; wabt's wasm-strip drops the wasm's name section (half the file) from release builds.
+apt_install chromium firefox-esr libegl1 libegl-mesa0 libgl1-mesa-dri mesa-vulkan-drivers wabt
 
 # wasm32 target: rustup when its server answers, otherwise Debian's rustc-web (same 1.9x
 # compiler) with the std sources, built by cargo's -Zbuild-std.

@@ -1,17 +1,20 @@
 // Browser load benchmark (--tokens 0: load only): loads a bundle (default: the synthetic full-size Phi-2 from
-// `phi2 synth --preset phi-2`) with the package in headless Chromium, from the network and then
-// from the cache, and prints figures as JSON: load times, peak JS heap (sampled over CDP), wasm
-// memory, and the most chunk bytes the loader held at once. Not a test: it asserts nothing.
+// `phi2 synth --preset phi-2`) with the package in headless Chromium (or Firefox), from the
+// network and then from the cache, and prints figures as JSON: load times, peak JS heap
+// (sampled over CDP; Chromium only), wasm memory, and the most chunk bytes the loader held at
+// once. Not a test: it asserts nothing.
 //
-//   node tests/browser/bench-load.mjs BUNDLE_DIR [--backend webgpu|cpu] [--tokens N]
-//                                     [--kernels auto|portable|subgroups]
+//   node tests/browser/bench-load.mjs BUNDLE_DIR [--browser chromium|firefox]
+//                                     [--backend webgpu|cpu] [--tokens N]
+//                                     [--kernels auto|portable|subgroups] [--f16]
 //                                     [--bench PROMPT_TOKENS,GEN_TOKENS,COPY_MB]
 //
 // --bench also runs `model.bench()` (what web/bench.html and `phi2 bench` run) after the cached
 // load and prints its report.
 //
 // The engine runs on the page's thread (worker: false) so that CDP sees its heap; the worker
-// runs the same code.
+// runs the same code. Both browsers get a persistent profile, as a user has: an incognito
+// context's storage quota is too small to cache a 1.5 GB model.
 
 import { existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -19,7 +22,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startServer } from './server.mjs';
-import { CHROMIUM_ARGS, chromiumPath, forwardPageLogs } from './browser.mjs';
+import { CHROMIUM_ARGS, chromiumPath, FIREFOX_PREFS, firefoxPath, forwardPageLogs } from './browser.mjs';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const args = process.argv.slice(2);
@@ -28,7 +31,9 @@ const option = (name, fallback) => {
   return at >= 0 ? args[at + 1] : fallback;
 };
 const bundleDir = path.resolve(args.find((a, i) => !a.startsWith('--') && !args[i - 1]?.startsWith('--')) ?? '/tmp/phi2-synth');
+const engine = option('--browser', 'chromium');
 const backend = option('--backend', 'webgpu');
+const f16 = args.includes('--f16');
 const kernels = option('--kernels', 'auto');
 const tokens = Number(option('--tokens', '4'));
 const bench = option('--bench', null)?.split(',').map(Number);
@@ -43,18 +48,27 @@ rmSync(link, { force: true });
 symlinkSync(bundleDir, link);
 
 const server = await startServer({ root: REPO });
-// A persistent profile, as a user has: an incognito context's storage quota is too small to
-// cache a 1.5 GB model.
 const profile = mkdtempSync(path.join(os.tmpdir(), 'phi2-bench-profile-'));
-const { chromium } = createRequire(import.meta.url)('playwright-core');
-const context = await chromium.launchPersistentContext(profile, { executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS });
-const page = await context.newPage();
+const require = createRequire(import.meta.url);
+let context;
+let page;
+let cdp = null;
+if (engine === 'firefox') {
+  context = await require('puppeteer-core').launch({
+    browser: 'firefox', executablePath: firefoxPath(), headless: true, userDataDir: profile, extraPrefsFirefox: FIREFOX_PREFS,
+  });
+  page = await context.newPage();
+} else {
+  const { chromium } = require('playwright-core');
+  context = await chromium.launchPersistentContext(profile, { executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS });
+  page = await context.newPage();
+  cdp = await context.newCDPSession(page);
+  await cdp.send('HeapProfiler.enable');
+}
 forwardPageLogs(page);
-const cdp = await context.newCDPSession(page);
-await cdp.send('HeapProfiler.enable');
 
-let peakHeap = 0;
-let sampling = true;
+let peakHeap = cdp ? 0 : null;
+let sampling = Boolean(cdp);
 const sampler = (async () => {
   while (sampling) {
     try {
@@ -68,11 +82,11 @@ const sampler = (async () => {
 })();
 
 async function load(label) {
-  peakHeap = 0;
-  const figures = await page.evaluate(async ({ backend, kernels, tokens, bench }) => {
+  if (cdp) peakHeap = 0;
+  const figures = await page.evaluate(async ({ backend, kernels, f16, tokens, bench }) => {
     const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
     const started = performance.now();
-    const model = await Phi2.load('../target/bench-bundle/', { worker: false, backend, kernels });
+    const model = await Phi2.load('../target/bench-bundle/', { worker: false, backend, kernels, f16 });
     const loadMs = performance.now() - started;
     let generated = 0;
     if (tokens > 0) {
@@ -84,7 +98,7 @@ async function load(label) {
     const result = { loadMs, info: model.info, stats: model.stats, generated, report };
     await model.unload();
     return result;
-  }, { backend, kernels, tokens, bench: label === 'cache' ? bench : null });
+  }, { backend, kernels, f16, tokens, bench: label === 'cache' ? bench : null });
   await new Promise((resolve) => setTimeout(resolve, 300));
   return { label, ...figures, peakJsHeapBytes: peakHeap };
 }
@@ -105,15 +119,17 @@ await sampler;
 const mb = (bytes) => Math.round(bytes / 1e5) / 10;
 const summary = (run) => ({
   load_s: Math.round(run.loadMs) / 1000,
-  peak_js_heap_mb: mb(run.peakJsHeapBytes),
+  peak_js_heap_mb: run.peakJsHeapBytes === null ? null : mb(run.peakJsHeapBytes),
   wasm_memory_mb: mb(run.info.wasmMemoryBytes),
   peak_buffered_chunks_mb: mb(run.info.peakBufferedBytes),
-  peak_js_plus_wasm_mb: mb(run.peakJsHeapBytes + run.info.wasmMemoryBytes + run.info.peakBufferedBytes),
+  peak_js_plus_wasm_mb: run.peakJsHeapBytes === null ? null
+    : mb(run.peakJsHeapBytes + run.info.wasmMemoryBytes + run.info.peakBufferedBytes),
   time_to_first_token_s: run.stats ? run.stats.timeToFirstTokenMs / 1000 : null,
   decode_tokens_per_s: run.stats ? run.stats.decodeTokensPerS : null,
 });
 console.log(JSON.stringify({
   bundle: bundleDir,
+  browser: engine,
   backend: network.info.backend,
   bundle_mb: mb(network.info.totalBytes),
   network: { ...summary(network), chunk_requests: chunkRequestsFromNetwork },

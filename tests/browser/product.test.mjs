@@ -1,27 +1,33 @@
-// End-to-end tests of what users touch, in headless Chromium with WebGPU (SwiftShader): the
+// End-to-end tests of what users touch, in both browser engines here (browser.mjs): headless
+// Chromium with WebGPU on SwiftShader and headless Firefox with WebGPU on lavapipe. Each runs the
 // wasm export, the npm package (worker and calling-thread engines), the demo page, caching,
-// offline use, Stop/abort, typed errors, the CPU fallback, a bundler build and the typings.
+// offline use, Stop/abort, typed errors, a lost device, the bench page and the CPU fallback;
+// Firefox also f16. Chromium alone runs the bundler build (the typings need no browser).
 // Greedy outputs must equal the native CLI's on the same model.
 //
 //   node --test tests/browser/          (from the repository root; `npm ci` in tests/ first)
 //
 // Needs, and FAILS (never skips) without: pkg/dist and web/pkg (scripts/build-pkg.sh), the CLI
 // (target/debug/phi2 or PHI2_BIN), tests/fixtures/phi-tok, chromium (/usr/bin/chromium or
-// CHROMIUM). The tests share one server, browser and converted bundle, and run in order.
+// CHROMIUM), firefox-esr (/usr/bin/firefox-esr or FIREFOX), and for the f16 reference lavapipe
+// (mesa-vulkan-drivers). The tests share one server, one browser per engine and one converted
+// bundle, and run in order.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { cpSync, existsSync, mkdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { execFile, execFileSync } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startServer } from './server.mjs';
-import { CHROMIUM_ARGS, launchChromium, forwardPageLogs, waitForResult } from './browser.mjs';
+import { ENGINES, launchBrowser, forwardPageLogs, pageText, waitForResult } from './browser.mjs';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const TESTS = path.join(REPO, 'tests');
 const FIXTURE = 'tests/fixtures/phi-tok';
 const BUNDLE = 'target/browser-bundles/phi-tok-q4';
+/** The same bundle with one byte of a chunk flipped on the server. */
+const CORRUPT_BUNDLE = 'target/browser-bundles/phi-tok-q4-corrupt';
 const PROMPT = 'Hello World';
 const MAX_TOKENS = 16;
 const PHI2_BIN = process.env.PHI2_BIN || path.join(REPO, 'target', 'debug', 'phi2');
@@ -29,19 +35,30 @@ const PAGE_TIMEOUT_MS = 8 * 60 * 1000;
 const TIMEOUT = { timeout: 15 * 60 * 1000 };
 
 let server;
-let browser;
+/** One browser per engine, by name. */
+const browsers = {};
 const native = {};
 
 function requireFile(file, what) {
   assert.ok(existsSync(path.resolve(REPO, file)), `${what} is missing: ${file}`);
 }
 
-/** The CLI's greedy run: {prompt_ids, generated_ids, text}. */
-function nativeGenerate(model) {
+/**
+ * The CLI's greedy run: {prompt_ids, generated_ids, text}. On the CPU by default; `gpu` runs it
+ * on lavapipe (Vulkan) with those extra options.
+ */
+function nativeGenerate(model, { gpu } = {}) {
   const args = ['generate', '--model', model, '--prompt', PROMPT, '--max-tokens', String(MAX_TOKENS),
-    '--temperature', '0', '--json', '--backend', 'cpu'];
+    '--temperature', '0', '--json', '--backend', gpu ? 'wgpu' : 'cpu', ...(gpu ?? [])];
+  const env = { ...process.env };
+  if (gpu) {
+    const icds = '/usr/share/vulkan/icd.d';
+    const lavapipe = existsSync(icds) && readdirSync(icds).find((file) => file.startsWith('lvp_icd'));
+    assert.ok(lavapipe, `lavapipe is missing from ${icds} (apt-get install -y mesa-vulkan-drivers)`);
+    env.VK_ICD_FILENAMES = path.join(icds, lavapipe);
+  }
   return new Promise((resolve, reject) => {
-    execFile(PHI2_BIN, args, { cwd: REPO, timeout: 5 * 60 * 1000 }, (err, stdout, stderr) => {
+    execFile(PHI2_BIN, args, { cwd: REPO, env, timeout: 5 * 60 * 1000 }, (err, stdout, stderr) => {
       if (err) return reject(new Error(`${PHI2_BIN} ${args.join(' ')} failed: ${err.message}\n${stderr}`));
       resolve(JSON.parse(stdout.trim().split('\n').pop()));
     });
@@ -54,22 +71,48 @@ before(async () => {
   requireFile(PHI2_BIN, 'the phi2 CLI (cargo build, or set PHI2_BIN)');
   rmSync(path.join(REPO, BUNDLE), { recursive: true, force: true });
   execFileSync(PHI2_BIN, ['convert', '--from', FIXTURE, '--out', BUNDLE, '--chunk-mb', '1'], { cwd: REPO });
+  rmSync(path.join(REPO, CORRUPT_BUNDLE), { recursive: true, force: true });
+  cpSync(path.join(REPO, BUNDLE), path.join(REPO, CORRUPT_BUNDLE), { recursive: true });
+  const corrupt = path.join(REPO, CORRUPT_BUNDLE, 'chunk-00001.bin');
+  const bytes = readFileSync(corrupt);
+  bytes[100] ^= 0x40;
+  writeFileSync(corrupt, bytes);
   native.checkpoint = await nativeGenerate(FIXTURE);
   native.bundle = await nativeGenerate(BUNDLE);
+  // What Firefox's f16 run must match: the same kernels with f16 products and KV cache on an
+  // f16 adapter, lavapipe, which Firefox's WebGPU also runs on.
+  native.f16 = await nativeGenerate(BUNDLE, { gpu: ['--f16', '--kernels', 'portable'] });
   assert.ok(native.bundle.generated_ids.length > 0, 'the CLI generated nothing');
   server = await startServer({ root: REPO });
-  browser = await launchChromium();
-  process.stderr.write(`[browser test] serving ${REPO} at ${server.url}; chromium ${browser.version()}\n`);
+  for (const engine of ENGINES) {
+    browsers[engine] = await launchBrowser(engine);
+    process.stderr.write(`[browser test] ${engine} ${browsers[engine].version}\n`);
+  }
+  process.stderr.write(`[browser test] serving ${REPO} at ${server.url}\n`);
 });
 
 after(async () => {
-  await browser?.close();
+  for (const browser of Object.values(browsers)) await browser.close();
   await server?.close();
 });
 
+/** Runs `run(engine, context)` in a fresh context of each engine, as a subtest per engine. */
+async function inEachEngine(t, run) {
+  for (const engine of ENGINES) {
+    await t.test(engine, TIMEOUT, async () => {
+      const context = await browsers[engine].newContext();
+      try {
+        await run(engine, context);
+      } finally {
+        await context.close();
+      }
+    });
+  }
+}
+
 async function withPage(context, run) {
   const page = await context.newPage();
-  forwardPageLogs(page);
+  forwardPageLogs(page, context.engine ?? 'page');
   try {
     return await run(page);
   } finally {
@@ -116,9 +159,7 @@ function assertProgress(progress, { fromCache }) {
     `expected every chunk from the ${fromCache ? 'cache' : 'network'}`);
 }
 
-test('the wasm export (for await over generate) on a checkpoint and a bundle equals the CLI, on WebGPU and CPU', TIMEOUT, async () => {
-  const context = await browser.newContext();
-  try {
+test('the wasm export (for await over generate) on a checkpoint and a bundle equals the CLI, on WebGPU and CPU', TIMEOUT, (t) => inEachEngine(t, async (engine, context) => {
     for (const [model, reference] of [[FIXTURE, native.checkpoint], [BUNDLE, native.bundle]]) {
       for (const backend of ['webgpu', 'cpu']) {
         const url = `${server.url}tests/browser/pages/checkpoint.html?${new URLSearchParams({ model: `../../../${model}/`, backend, prompt: PROMPT, max: String(MAX_TOKENS) })}`;
@@ -132,14 +173,9 @@ test('the wasm export (for await over generate) on a checkpoint and a bundle equ
         assert.ok(result.stats.timeToFirstTokenMs > 0 && result.stats.decodeTokensPerS > 0, JSON.stringify(result.stats));
       }
     }
-  } finally {
-    await context.close();
-  }
-});
+}));
 
-test('the bench page measures the tiny bundle on WebGPU with the portable kernels (a smoke run: figures present, no timing asserted)', TIMEOUT, async () => {
-  const context = await browser.newContext();
-  try {
+test('the bench page measures the tiny bundle on WebGPU with the portable kernels (a smoke run: figures present, no timing asserted)', TIMEOUT, (t) => inEachEngine(t, async (engine, context) => {
     const url = `${server.url}web/bench.html?${new URLSearchParams({ model: bundleUrl, backend: 'webgpu', kernels: 'portable', prompt: '8', gen: '4', copy: '4', autorun: '1' })}`;
     const { result, isError } = await withPage(context, (page) => pageResult(page, url));
     assert.equal(isError, false, JSON.stringify(result.error));
@@ -157,14 +193,29 @@ test('the bench page measures the tiny bundle on WebGPU with the portable kernel
     assert.match(result.device, /subgroups: (true|false)/);
     assert.match(result.device, /kernels: a thread per output row,/);
     assert.match(result.device, /^\S/, 'the device description starts with the adapter\'s name');
-  } finally {
-    await context.close();
-  }
-});
+}));
 
-test('the demo page loads a bundle through the worker with progress, matches the CLI, then loads from cache (with subgroup kernels) and offline', TIMEOUT, async () => {
-  const context = await browser.newContext();
-  try {
+/**
+ * What each engine's adapter gets by default, and the other kernels its second visit runs:
+ * SwiftShader (Chromium) is a fallback adapter with subgroups of one size, so by default it gets
+ * the kernels shaped for a CPU with their activation loads shared across a subgroup, and it can
+ * run the kernels a GPU with subgroups gets (cubecl does not offer them on a fallback adapter),
+ * so the browser's shader compiler checks them too. Firefox's lavapipe adapter is a fallback
+ * without subgroups: the CPU-shaped kernels without shared loads, and 'portable' is the other.
+ */
+const KERNELS_BY_ENGINE = {
+  chromium: {
+    auto: /software adapter: true; kernels: a thread per 16 output rows, activation loads shared across a subgroup/,
+    other: ['subgroups', /kernels: a subgroup per output row,/],
+  },
+  firefox: {
+    auto: /subgroups: false,.*software adapter: true; kernels: a thread per 16 output rows, f16/,
+    other: ['portable', /kernels: a thread per output row,/],
+  },
+};
+
+test('the demo page loads a bundle through the worker with progress, matches the CLI, then loads from cache (with other kernels) and offline', TIMEOUT, (t) => inEachEngine(t, async (engine, context) => {
+    const kernels = KERNELS_BY_ENGINE[engine];
     // First visit: everything from the network.
     let mark = server.requests.length;
     const first = await withPage(context, async (page) => {
@@ -178,18 +229,15 @@ test('the demo page loads a bundle through the worker with progress, matches the
     assertProgress(first.result.progress, { fromCache: false });
     assert.equal(chunkRequests(mark).length, first.result.progress[0].chunks);
     assert.equal(first.result.stats.stopReason, 'length');
-    // SwiftShader is a fallback adapter: by default it gets the kernels shaped for a CPU, and
-    // (its subgroups having one size) their activation loads shared across a subgroup.
-    assert.match(first.result.info.device, /software adapter: true; kernels: a thread per 16 output rows, activation loads shared across a subgroup/);
+    assert.match(first.result.info.device, kernels.auto);
 
-    // Second visit: no chunk is requested again. It also runs the kernels a GPU with subgroups
-    // gets (SwiftShader has subgroups; cubecl does not offer them on a fallback adapter), so
-    // the browser's shader compiler checks them too, and they must give the same tokens.
+    // Second visit: no chunk is requested again, and the other kernels give the same tokens.
     mark = server.requests.length;
-    const second = await withPage(context, (page) => pageResult(page, demoUrl({ model: bundleUrl, backend: 'webgpu', kernels: 'subgroups' })));
+    const [other, otherDevice] = kernels.other;
+    const second = await withPage(context, (page) => pageResult(page, demoUrl({ model: bundleUrl, backend: 'webgpu', kernels: other })));
     assert.equal(second.isError, false, JSON.stringify(second.result.error));
-    assert.match(second.result.info.device, /kernels: a subgroup per output row,/);
-    assertSameAsNative(second.result, native.bundle, 'demo page, from cache, subgroup kernels');
+    assert.match(second.result.info.device, otherDevice);
+    assertSameAsNative(second.result, native.bundle, `demo page, from cache, ${other} kernels`);
     assertProgress(second.result.progress, { fromCache: true });
     assert.deepEqual(chunkRequests(mark), [], 'a cached load requested chunks');
 
@@ -206,18 +254,14 @@ test('the demo page loads a bundle through the worker with progress, matches the
       await context.setOffline(false);
       server = await startServer({ root: REPO, port });
     }
-  } finally {
-    await context.close();
-  }
-});
+}));
 
-test('abort(), stop() and break end a generation at once, on both backends, in worker and page modes', TIMEOUT, async () => {
+test('abort(), stop() and break end a generation at once, on both backends, in worker and page modes', TIMEOUT, async (t) => {
   // The CPU backend with this tiny model makes tokens faster than a message round trip, so a
   // worker that was not held back ran through the whole budget before a stop reached it.
   // The worker may run this many tokens ahead of its consumer (pkg/src/worker.js).
   const TOKENS_AHEAD = 4;
-  const context = await browser.newContext();
-  try {
+  await inEachEngine(t, async (engine, context) => {
     for (const backend of ['cpu', 'webgpu']) {
       for (const worker of [true, false]) {
         const outcome = await withPage(context, async (page) => {
@@ -258,7 +302,7 @@ test('abort(), stop() and break end a generation at once, on both backends, in w
             return { aborted, stopped, broken, after };
           }, { url: bundleUrl, prompt: PROMPT, worker, backend });
         });
-        const what = `${backend}, worker ${worker}`;
+        const what = `${engine}, ${backend}, worker ${worker}`;
         process.stderr.write(`[browser test] stop/abort (${what}): ${JSON.stringify(outcome)}\n`);
         const { aborted, stopped, broken, after } = outcome;
         for (const [name, run, received] of [['abort()', aborted, 3], ['stop()', stopped, 2], ['break', broken, 4]]) {
@@ -274,17 +318,13 @@ test('abort(), stop() and break end a generation at once, on both backends, in w
         assert.equal(after.stats.reusedTokens, native.bundle.prompt_ids.length - 1, `${what}: the same prompt reuses its cache`);
       }
     }
-  } finally {
-    await context.close();
-  }
+  });
 });
 
-test('bad input gives typed errors (name, message, details) that cross the worker boundary', TIMEOUT, async () => {
-  const context = await browser.newContext();
-  try {
+test('bad input gives typed errors (name, message, details) that cross the worker boundary', TIMEOUT, (t) => inEachEngine(t, async (engine, context) => {
     const errors = await withPage(context, async (page) => {
       await page.goto(`${server.url}web/index.html`);
-      return page.evaluate(async ({ bundle }) => {
+      return page.evaluate(async ({ bundle, corruptBundle }) => {
         const { Phi2, Phi2Error } = await import(new URL('pkg/index.js', location.href).href);
         const caught = async (what, run) => {
           try {
@@ -300,6 +340,8 @@ test('bad input gives typed errors (name, message, details) that cross the worke
         const out = [];
         out.push(await caught('missing bundle', () => Phi2.load('../tests/fixtures/does-not-exist/')));
         out.push(await caught('not a bundle', () => Phi2.load('../tests/fixtures/phi-tok/config.json')));
+        // A chunk that fails its sha256 from the network, and again when fetched once more.
+        out.push(await caught('corrupt chunk', () => Phi2.load(corruptBundle, { cache: false })));
         out.push(await caught('bad backend', () => Phi2.load(bundle, { backend: 'tpu' })));
         out.push(await caught('bad kernels', () => Phi2.load(bundle, { kernels: 'fast' })));
         out.push(await caught('generate before load', () => drain(new Phi2().generate('hi'))));
@@ -328,12 +370,13 @@ test('bad input gives typed errors (name, message, details) that cross the worke
         out.push(await caught('subgroups missing', () => Phi2.load(bundle, { worker: false, cache: false, kernels: 'subgroups' })));
         Object.defineProperty(GPUAdapter.prototype, 'features', features);
         return out;
-      }, { bundle: bundleUrl });
+      }, { bundle: bundleUrl, corruptBundle: `../${CORRUPT_BUNDLE}/` });
     });
     process.stderr.write(`[browser test] errors: ${JSON.stringify(errors, null, 1)}\n`);
     const expect = {
       'missing bundle': ['LoadError', /does-not-exist/, { file: /does-not-exist\/manifest\.json/ }],
       'not a bundle': ['FormatError', /config\.json/, { file: /config\.json/ }],
+      'corrupt chunk': ['IntegrityError', /chunk-00001\.bin.*sha256|sha256.*chunk-00001\.bin/, { file: /phi-tok-q4-corrupt\/chunk-00001\.bin$/, chunk: /^1$/ }],
       'bad backend': ['OptionError', /tpu/, { option: /^backend$/ }],
       'bad kernels': ['OptionError', /fast/, { option: /^kernels$/ }],
       'subgroups missing': ['OptionError', /subgroups feature/, { option: /^kernels$/ }],
@@ -361,17 +404,12 @@ test('bad input gives typed errors (name, message, details) that cross the worke
       const { result, isError } = await pageResult(page, demoUrl({ model: '../tests/fixtures/does-not-exist/' }));
       assert.equal(isError, true);
       assert.equal(result.error.name, 'LoadError');
-      const shown = await page.textContent('#error');
+      const shown = await pageText(page, '#error');
       assert.match(shown, /does-not-exist/, `the error box says: ${shown}`);
     });
-  } finally {
-    await context.close();
-  }
-});
+}));
 
-test('a lost GPU device ends generation with a DeviceError, and a new load works', TIMEOUT, async () => {
-  const context = await browser.newContext();
-  try {
+test('a lost GPU device ends generation with a DeviceError, and a new load works', TIMEOUT, (t) => inEachEngine(t, async (engine, context) => {
     const outcome = await withPage(context, async (page) => {
       await page.goto(`${server.url}web/bench.html`);
       return page.evaluate(async ({ url, prompt }) => {
@@ -417,33 +455,57 @@ test('a lost GPU device ends generation with a DeviceError, and a new load works
     assert.match(outcome.error.message, /GPU device was lost/);
     assert.equal(outcome.again?.name, 'DeviceError', JSON.stringify(outcome.again));
     assert.deepEqual(outcome.freshIds, native.bundle.generated_ids.slice(0, 16));
+}));
+
+test('without WebGPU the same API runs on the CPU in wasm and generates the same tokens', TIMEOUT, async (t) => {
+  for (const engine of ENGINES) {
+    await t.test(engine, TIMEOUT, async () => {
+      const noGpu = await launchBrowser(engine, { webgpu: false });
+      try {
+        const context = await noGpu.newContext();
+        const { result, isError, hasWebGPU, body } = await withPage(context, async (page) => {
+          const outcome = await pageResult(page, demoUrl({ model: bundleUrl, backend: 'auto' }));
+          const hasWebGPU = await page.evaluate(async () => (await import(new URL('pkg/index.js', location.href).href)).Phi2.hasWebGPU());
+          return { ...outcome, hasWebGPU, body: await pageText(page, 'body') };
+        });
+        assert.equal(isError, false, JSON.stringify(result.error));
+        assert.equal(hasWebGPU, false);
+        assert.equal(result.backend, 'cpu');
+        assertSameAsNative(result, native.bundle, `${engine}: CPU fallback`);
+        assert.match(body, /CPU/, 'the page says it runs on the CPU');
+      } finally {
+        await noGpu.close();
+      }
+    });
+  }
+});
+
+test('Firefox with f16: the f16 products and KV cache give the CLI\'s f16 tokens on lavapipe', TIMEOUT, async () => {
+  // Chromium's SwiftShader has no shader-f16: only Firefox (lavapipe) runs the f16 kernels.
+  const context = await browsers.firefox.newContext();
+  try {
+    const outcome = await withPage(context, async (page) => {
+      await page.goto(`${server.url}web/index.html`);
+      return page.evaluate(async ({ url, prompt }) => {
+        const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
+        const model = await Phi2.load(url, { cache: false, kernels: 'portable', f16: true });
+        const ids = [];
+        for await (const token of model.generate(prompt, { maxTokens: 16 })) ids.push(token.tokenId);
+        const device = model.info.device;
+        await model.unload();
+        return { ids, device };
+      }, { url: bundleUrl, prompt: PROMPT });
+    });
+    process.stderr.write(`[browser test] firefox f16: ${JSON.stringify(outcome)}; CLI --f16 on lavapipe: ${JSON.stringify(native.f16.generated_ids)}\n`);
+    assert.match(outcome.device, /shader-f16: true;.*f16 products and KV cache: true/, 'f16 must be in use');
+    assert.deepEqual(outcome.ids, native.f16.generated_ids, 'f16 token ids differ from the CLI\'s f16 run on lavapipe');
   } finally {
     await context.close();
   }
 });
 
-test('without WebGPU the same API runs on the CPU in wasm and generates the same tokens', TIMEOUT, async () => {
-  const { chromium } = await import('playwright-core');
-  const noGpu = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: CHROMIUM_ARGS.filter((arg) => arg !== '--enable-unsafe-webgpu'),
-  });
-  try {
-    const page = await noGpu.newPage();
-    forwardPageLogs(page, 'no-webgpu page');
-    const { result, isError } = await pageResult(page, demoUrl({ model: bundleUrl, backend: 'auto' }));
-    assert.equal(isError, false, JSON.stringify(result.error));
-    assert.equal(await page.evaluate(async () => (await import(new URL('pkg/index.js', location.href).href)).Phi2.hasWebGPU()), false);
-    assert.equal(result.backend, 'cpu');
-    assertSameAsNative(result, native.bundle, 'CPU fallback');
-    assert.match(await page.textContent('body'), /CPU/, 'the page says it runs on the CPU');
-  } finally {
-    await noGpu.close();
-  }
-});
-
-test('an app bundled with esbuild imports the package and generates in the browser', TIMEOUT, async () => {
+// One engine is enough to check a bundler's output: the bundle is plain ESM either way.
+test('an app bundled with esbuild imports the package and generates in the browser (Chromium)', TIMEOUT, async () => {
   const app = path.join(REPO, 'target', 'browser-app');
   rmSync(app, { recursive: true, force: true });
   mkdirSync(path.join(app, 'node_modules'), { recursive: true });
@@ -472,7 +534,7 @@ test('an app bundled with esbuild imports the package and generates in the brows
   cpSync(path.join(REPO, 'pkg', 'dist'), path.join(app, 'dist'), { recursive: true, force: false, errorOnExist: false });
   writeFileSync(path.join(app, 'dist', 'index.html'),
     '<!doctype html><meta charset="utf-8"><pre id="result"></pre><script type="module" src="main.js"></script>');
-  const context = await browser.newContext();
+  const context = await browsers.chromium.newContext();
   try {
     const { result, isError } = await withPage(context, (page) => pageResult(page, `${server.url}target/browser-app/dist/index.html`));
     assert.equal(isError, false, JSON.stringify(result.error));
