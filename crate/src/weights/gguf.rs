@@ -445,15 +445,20 @@ impl<'a> Gguf<'a> {
         let mut vocab = serde_json::Map::new();
         let mut added = Vec::new();
         for (id, token) in tokens.iter().enumerate() {
-            // Every token goes into the BPE vocab at its own id: `tokenizers` ignores the id an
-            // added token is given and numbers one the vocab lacks after the vocab's count,
-            // which llama.cpp's padding of the list to the model's rows makes wrong. (A string
-            // listed twice keeps its first id; the load-time check then names it.)
-            vocab.entry(token.to_string()).or_insert(json!(id));
             // ggml token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-            // Control and user-defined tokens are matched in text before BPE runs, as Hugging
-            // Face's added tokens are. Unused ones ("[PAD50295]"…) are not: HF has no such ids.
+            // Unused ones ("[PAD50295]"…, llama.cpp's padding of the list to the model's rows)
+            // are left out, as Hugging Face's tokenizer has no such ids: they decode to nothing
+            // and no text or grammar can produce them.
             let kind = types.get(id).copied().unwrap_or(1);
+            if kind == 5 {
+                continue;
+            }
+            // Every other token goes into the BPE vocab at its own id: `tokenizers` ignores the
+            // id an added token is given and numbers one the vocab lacks after the vocab's
+            // count. (A string listed twice keeps its first id; the load-time check then names
+            // it.) Control and user-defined tokens are also added tokens, matched in text
+            // before BPE runs, as Hugging Face's are.
+            vocab.entry(token.to_string()).or_insert(json!(id));
             if kind == 3 || kind == 4 {
                 let special = kind == 3;
                 added.push(
