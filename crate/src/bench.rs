@@ -14,6 +14,7 @@ use cubecl::prelude::CubeDim;
 use serde::Serialize;
 
 use crate::config::PhiConfig;
+use crate::constraint::{LazyGrammars, ResponseFormat};
 use crate::error::{Error, Result};
 use crate::generation::{SamplingParams, Session, Timings};
 use crate::kernels::{buffer, cube, describe_device, empty_output, grid, is_cpu, WORKGROUP};
@@ -233,6 +234,7 @@ pub async fn run(
     prompt_tokens: usize,
     gen_tokens: usize,
     copy_bytes: u64,
+    response_format: Option<ResponseFormat>,
     now_ms: &dyn Fn() -> f64,
 ) -> Result<BenchReport> {
     let config = model.config();
@@ -245,13 +247,20 @@ pub async fn run(
     let params = SamplingParams {
         max_tokens: gen_tokens,
         // The synthetic model may produce <|endoftext|> early; a stop string never matches.
+        response_format,
         ..SamplingParams::default()
     };
+    // A constraint's vocabulary index is made here, with the warm-up, not timed.
+    let mut grammars = LazyGrammars::default();
     // Warm-up: a short prompt and two steps compile every shader (seconds on first use).
     {
-        let mut warm = Session::new(
+        let warm_prompt = prompt[..prompt_tokens.min(8)].to_vec();
+        let mut warm = Session::start(
             model,
-            prompt[..prompt_tokens.min(8)].to_vec(),
+            tokenizer,
+            &mut grammars,
+            None,
+            warm_prompt,
             params.clone(),
         )?;
         for _ in 0..2 {
@@ -259,7 +268,7 @@ pub async fn run(
         }
     } // its KV cache would count twice in the peak memory
 
-    let mut session = Session::new(model, prompt, params)?;
+    let mut session = Session::start(model, tokenizer, &mut grammars, None, prompt, params)?;
     session.ignore_end_of_text();
     let mut timings = Timings::start(now_ms());
     let mut launches = None;

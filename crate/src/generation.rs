@@ -1,13 +1,15 @@
 //! Text generation as a step API shared by the CLI and the browser: the first step runs the
 //! prompt (prefill), every step returns one token. Greedy or seeded sampling with temperature,
-//! top-k, top-p and repetition penalty; stops at EOS, at stop strings, at `max_new_tokens` or
-//! when the context is full.
+//! top-k, top-p, repetition, frequency and presence penalties, optionally constrained
+//! ([`crate::constraint`]); stops at EOS, at stop strings, when the constraint is complete, at
+//! `max_new_tokens` or when the context is full.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::constraint::{Constraint, LazyGrammars, ResponseFormat};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Phi};
 use crate::tokenizer::{PhiTokenizer, TextStream, END_OF_TEXT};
@@ -25,8 +27,16 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// 1 means none; above 1 discourages tokens already present (prompt included).
     pub repetition_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated so far (the
+    /// prompt does not count). In [-2, 2]; 0 means none.
+    pub frequency_penalty: f32,
+    /// OpenAI's: subtracted from the logit of every token generated so far. In [-2, 2].
+    pub presence_penalty: f32,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// What the output must be (JSON, a schema, a grammar); `None` is free text. Its
+    /// constraint is made from the model's vocabulary and given to [`Session::constrain`].
+    pub response_format: Option<ResponseFormat>,
 }
 
 impl Default for SamplingParams {
@@ -37,8 +47,11 @@ impl Default for SamplingParams {
             top_k: None,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: 0,
             stop: Vec::new(),
+            response_format: None,
         }
     }
 }
@@ -72,6 +85,14 @@ impl SamplingParams {
                 format!("{} must be a finite number > 0", self.repetition_penalty),
             ));
         }
+        for (option, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(Error::option(option, format!("{value} is outside [-2, 2]")));
+            }
+        }
         if self.stop.iter().any(String::is_empty) {
             return Err(Error::option("stop", "stop strings must not be empty"));
         }
@@ -84,7 +105,8 @@ impl SamplingParams {
 pub enum StopReason {
     /// The model produced `<|endoftext|>`.
     Eos,
-    /// The text reached one of the stop strings (which is not included in the output).
+    /// The text reached one of the stop strings (which is not included in the output), or
+    /// the output constraint is complete.
     Stop,
     /// `max_tokens` were generated or the context is full.
     Length,
@@ -124,6 +146,7 @@ pub struct Session {
     emitted: usize,
     finished: Option<StopReason>,
     ignore_end_of_text: bool,
+    constraint: Option<Constraint>,
 }
 
 impl Session {
@@ -184,7 +207,25 @@ impl Session {
             emitted: 0,
             finished: None,
             ignore_end_of_text: false,
+            constraint: None,
         })
+    }
+
+    /// [`Session::resume`], constrained as `params.response_format` says (its constraint
+    /// made from `grammars`, for `tokenizer` and the model's vocabulary).
+    pub fn start(
+        model: &Phi,
+        tokenizer: &PhiTokenizer,
+        grammars: &mut LazyGrammars,
+        previous: Option<Session>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<Self> {
+        let vocab = model.config().vocab_size;
+        let constraint = grammars.constraint(params.response_format.as_ref(), tokenizer, vocab)?;
+        let mut session = Session::resume(model, previous, prompt, params)?;
+        session.constraint = constraint;
+        Ok(session)
     }
 
     /// Prompt tokens whose keys and values came from the previous session's cache.
@@ -226,19 +267,38 @@ impl Session {
         read_floats(logits).await
     }
 
-    /// Runs the model and picks the next token. Greedy and top-k sampling choose on the
-    /// device and read back only the candidates (one id for greedy) with the logits' sum,
-    /// whose finiteness stands for all of them; a repetition penalty or top-p without top-k
-    /// needs every logit on the host.
-    async fn pick(&mut self, model: &Phi) -> Result<u32> {
+    /// Runs the model and picks the next token among `allowed` (every token for `None`).
+    /// Greedy and top-k sampling choose on the device and read back only the candidates (one
+    /// id for greedy) with the logits' sum, whose finiteness stands for all of them; a
+    /// constraint's mask goes up to the device as a bias. Penalties, or top-p without top-k,
+    /// need every logit on the host.
+    async fn pick(&mut self, model: &Phi, allowed: Option<&[bool]>) -> Result<u32> {
         let vocab = model.config().vocab_size;
-        let on_device = self.params.repetition_penalty == 1.0
-            && (self.params.temperature == 0.0 || self.params.top_k.is_some());
+        let params = &self.params;
+        let on_device = params.repetition_penalty == 1.0
+            && params.frequency_penalty == 0.0
+            && params.presence_penalty == 0.0
+            && (params.temperature == 0.0 || params.top_k.is_some_and(|k| k <= DEVICE_TOP_K));
         if !on_device {
             let mut logits = self.logits(model).await?;
-            return sample(&mut logits, &self.tokens, &self.params, &mut self.rng);
+            let (history, prompt_len) = (&self.tokens, self.prompt_len);
+            return sample(
+                &mut logits,
+                history,
+                prompt_len,
+                allowed,
+                &self.params,
+                &mut self.rng,
+            );
         }
-        let logits = model.forward(&self.tokens[self.cache.len()..], &mut self.cache);
+        let mut logits = model.forward(&self.tokens[self.cache.len()..], &mut self.cache);
+        if let Some(allowed) = allowed {
+            let bias: Vec<f32> = allowed
+                .iter()
+                .map(|&ok| if ok { 0.0 } else { MASKED })
+                .collect();
+            logits = logits + Tensor::from_data(TensorData::new(bias, [1, vocab]), model.device());
+        }
         let top_k = match self.params.top_k {
             Some(k) if self.params.temperature > 0.0 => Some(k.min(vocab)),
             _ => None,
@@ -251,12 +311,28 @@ impl Session {
                 read[0]
             )));
         }
+        // Masked candidates (fewer allowed tokens than top-k) never come out: the first one,
+        // the largest, is always allowed.
         let candidates: Vec<(u32, f32)> = read[1 + k..]
             .iter()
             .zip(&read[1..1 + k])
             .map(|(&id, &logit)| (id as u32, logit))
+            .filter(|&(_, logit)| logit > MASKED / 2.0)
             .collect();
         Ok(sample_sorted(&candidates, &self.params, &mut self.rng))
+    }
+
+    /// The tokens the constraint allows next, without `<|endoftext|>` when it is read as text
+    /// (benchmarks): `None` without a constraint, `Some(None)` once only the end may follow.
+    fn allowed_next(&mut self, vocab: usize) -> Result<Option<Option<Vec<bool>>>> {
+        let Some(constraint) = self.constraint.as_mut() else {
+            return Ok(None);
+        };
+        let mut allowed = constraint.allowed(vocab)?;
+        if let Some(allowed) = allowed.as_mut().filter(|_| self.ignore_end_of_text) {
+            allowed[END_OF_TEXT as usize] = false;
+        }
+        Ok(Some(allowed))
     }
 
     /// One step: returns the next token, or `None` once generation has finished.
@@ -268,8 +344,22 @@ impl Session {
             self.finished = Some(StopReason::Length);
             return Ok(None);
         }
-        let id = self.pick(model).await?;
+        let vocab = model.config().vocab_size;
+        let allowed = match self.allowed_next(vocab)? {
+            // The constraint was complete before this step (it is checked after each one, so
+            // this happens only when nothing at all could be produced).
+            Some(None) => {
+                self.finished = Some(StopReason::Stop);
+                return Ok(None);
+            }
+            Some(Some(allowed)) => Some(allowed),
+            None => None,
+        };
+        let id = self.pick(model, allowed.as_deref()).await?;
         self.tokens.push(id);
+        if let Some(constraint) = self.constraint.as_mut() {
+            constraint.advance(id)?;
+        }
         if id == END_OF_TEXT && !self.ignore_end_of_text {
             self.finished = Some(StopReason::Eos);
             let text = self.flush(tokenizer)?;
@@ -279,6 +369,9 @@ impl Session {
         self.text.push_str(&piece);
         if let Some(at) = find_stop(&self.text, &self.params.stop, self.emitted) {
             self.text.truncate(at);
+            self.finished = Some(StopReason::Stop);
+        } else if matches!(self.allowed_next(vocab)?, Some(None)) {
+            // Nothing but the end may follow: the output is complete.
             self.finished = Some(StopReason::Stop);
         } else if self.generated_ids().len() >= self.params.max_tokens
             || self.tokens.len() >= self.cache.capacity()
@@ -395,11 +488,25 @@ fn held_back(text: &str, stops: &[String]) -> usize {
         .unwrap_or(0)
 }
 
-/// Picks the next token from raw logits, in transformers' order: repetition penalty,
+/// Added on the device to the logit of a token a constraint forbids: far below any real logit,
+/// so that such a token never comes out of a top-k that has allowed ones, and finite (WGSL
+/// does not promise IEEE infinities; at -1e9 wgpu's top-k returned wrong values). Candidates
+/// below half of it are dropped.
+const MASKED: f32 = -1.0e4;
+
+/// The largest top-k picked on the device: burn-wgpu 0.22.1's `topk` returns wrong values for
+/// a larger k (f32::MIN, even a wrong maximum at 100); a larger k reads every logit back.
+const DEVICE_TOP_K: usize = 32;
+
+/// Picks the next token from raw logits, among `allowed` (all for `None`): repetition penalty
+/// (over `history`, prompt included), OpenAI's frequency and presence penalties (over what
+/// follows the first `prompt_len` tokens of `history`), then, in transformers' order,
 /// temperature, top-k, top-p.
 pub fn sample(
     logits: &mut [f32],
     history: &[u32],
+    prompt_len: usize,
+    allowed: Option<&[bool]>,
     params: &SamplingParams,
     rng: &mut impl Rng,
 ) -> Result<u32> {
@@ -408,6 +515,17 @@ pub fn sample(
             "the model produced a non-finite logit ({}) for token {bad}",
             logits[bad]
         )));
+    }
+    if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
+        let mut counts = std::collections::HashMap::<usize, f32>::new();
+        for &id in &history[prompt_len.min(history.len())..] {
+            *counts.entry(id as usize).or_default() += 1.0;
+        }
+        for (id, count) in counts {
+            if let Some(logit) = logits.get_mut(id) {
+                *logit -= count * params.frequency_penalty + params.presence_penalty;
+            }
+        }
     }
     if params.repetition_penalty != 1.0 {
         let mut seen = vec![false; logits.len()];
@@ -424,17 +542,23 @@ pub fn sample(
             }
         }
     }
+    let mut order: Vec<usize> = match allowed {
+        Some(allowed) => (0..logits.len()).filter(|&id| allowed[id]).collect(),
+        None => (0..logits.len()).collect(),
+    };
+    if order.is_empty() {
+        return Err(Error::State("the output constraint allows no token".into()));
+    }
     if params.temperature == 0.0 {
         // First maximum, like torch.argmax.
-        let mut best = 0;
-        for (i, &v) in logits.iter().enumerate() {
-            if v > logits[best] {
-                best = i;
+        let mut best = order[0];
+        for &id in &order {
+            if logits[id] > logits[best] {
+                best = id;
             }
         }
         return Ok(best as u32);
     }
-    let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     if let Some(k) = params.top_k {
         order.truncate(k.min(order.len()));
@@ -510,7 +634,10 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let mut logits = vec![0.1, 3.0, -1.0, 3.0];
-        assert_eq!(sample(&mut logits, &[], &params(), &mut rng).unwrap(), 1);
+        assert_eq!(
+            sample(&mut logits, &[], 0, None, &params(), &mut rng).unwrap(),
+            1
+        );
     }
 
     #[test]
@@ -522,7 +649,10 @@ mod tests {
         };
         // Token 0 (4.0 → 2.0) loses to token 1 (3.0); a negative seen logit gets more negative.
         let mut logits = vec![4.0, 3.0, -1.0];
-        assert_eq!(sample(&mut logits, &[0, 0, 2], &p, &mut rng).unwrap(), 1);
+        assert_eq!(
+            sample(&mut logits, &[0, 0, 2], 0, None, &p, &mut rng).unwrap(),
+            1
+        );
         assert_eq!(logits, vec![2.0, 3.0, -2.0]);
     }
 
@@ -547,11 +677,11 @@ mod tests {
         let logits = vec![1.0, 5.0, 4.9, 0.0, 2.0];
         let mut drawn = [0usize; 5];
         for _ in 0..200 {
-            let id = sample(&mut logits.clone(), &[], &top_k, &mut rng).unwrap();
+            let id = sample(&mut logits.clone(), &[], 0, None, &top_k, &mut rng).unwrap();
             assert!(id == 1 || id == 2, "top-k 2 drew {id}");
-            let id = sample(&mut logits.clone(), &[], &top_p_half, &mut rng).unwrap();
+            let id = sample(&mut logits.clone(), &[], 0, None, &top_p_half, &mut rng).unwrap();
             assert_eq!(id, 1, "top-p 0.5 keeps only the most likely token");
-            let id = sample(&mut logits.clone(), &[], &top_p_most, &mut rng).unwrap();
+            let id = sample(&mut logits.clone(), &[], 0, None, &top_p_most, &mut rng).unwrap();
             drawn[id as usize] += 1;
         }
         assert_eq!(
@@ -573,7 +703,7 @@ mod tests {
         let draw = |seed| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             (0..4000)
-                .map(|_| sample(&mut logits.clone(), &[], &p, &mut rng).unwrap())
+                .map(|_| sample(&mut logits.clone(), &[], 0, None, &p, &mut rng).unwrap())
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
@@ -588,7 +718,7 @@ mod tests {
     #[test]
     fn non_finite_logits_are_an_error() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let err = sample(&mut [0.0, f32::NAN], &[], &params(), &mut rng).unwrap_err();
+        let err = sample(&mut [0.0, f32::NAN], &[], 0, None, &params(), &mut rng).unwrap_err();
         assert!(err.to_string().contains("non-finite"), "{err}");
     }
 

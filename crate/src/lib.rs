@@ -8,7 +8,9 @@
 
 pub mod backend;
 pub mod bench;
+pub mod chat;
 pub mod config;
+pub mod constraint;
 pub mod error;
 pub mod generation;
 pub mod kernels;

@@ -1,6 +1,8 @@
 //! Phi-2's tokenizer (GPT-2 byte-level BPE plus whitespace-run tokens) through the `tokenizers`
 //! crate, and streaming detokenization that only ever emits whole characters.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
@@ -9,8 +11,10 @@ use crate::error::{Error, Result};
 /// `<|endoftext|>`: Phi-2's BOS, EOS and UNK.
 pub const END_OF_TEXT: u32 = 50256;
 
+/// Cheap to clone: clones share the vocabulary.
+#[derive(Clone)]
 pub struct PhiTokenizer {
-    inner: Tokenizer,
+    inner: Arc<Tokenizer>,
 }
 
 impl PhiTokenizer {
@@ -19,7 +23,9 @@ impl PhiTokenizer {
     pub fn from_bytes(json: &[u8], file: &str) -> Result<Self> {
         let inner = Tokenizer::from_bytes(json)
             .map_err(|e| Error::format(file, format!("not a usable tokenizer.json: {e}")))?;
-        let tokenizer = PhiTokenizer { inner };
+        let tokenizer = PhiTokenizer {
+            inner: Arc::new(inner),
+        };
         tokenizer.check_added_token_ids(json, file)?;
         Ok(tokenizer)
     }
@@ -72,6 +78,13 @@ impl PhiTokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The tokenizer as `tokenizer.json`.
+    pub fn to_json(&self) -> String {
+        self.inner
+            .to_string(false)
+            .expect("a loaded tokenizer serializes")
     }
 }
 

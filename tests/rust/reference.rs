@@ -144,19 +144,23 @@ fn resumed_session_reuses_the_shared_prefix() {
 }
 
 /// Top-k sampling picks on the device and reads back only the k candidates; it must draw the
-/// same tokens as sampling over every logit read back to the host, with the same seed.
+/// same tokens as sampling over every logit read back to the host, with the same seed. k = 40
+/// (a common setting) and 100 are past what burn-wgpu's top-k gets right (32).
 #[test]
 fn top_k_sampling_on_the_device_draws_what_the_host_would() {
     use rand::SeedableRng;
-    let params = SamplingParams {
-        max_tokens: 12,
-        temperature: 0.9,
-        top_k: Some(8),
-        top_p: 0.95,
-        seed: 7,
-        ..SamplingParams::default()
-    };
-    for backend in BACKENDS {
+    for (backend, top_k) in BACKENDS
+        .into_iter()
+        .flat_map(|backend| [8, 40, 100].map(|k| (backend, k)))
+    {
+        let params = SamplingParams {
+            max_tokens: 12,
+            temperature: 0.9,
+            top_k: Some(top_k),
+            top_p: 0.95,
+            seed: 7,
+            ..SamplingParams::default()
+        };
         let (model, tokenizer) = load("phi-tok", backend);
         let prompt = tokenizer.encode("Hello World").unwrap();
         let mut session = Session::new(&model, prompt.clone(), params.clone()).unwrap();
@@ -171,14 +175,23 @@ fn top_k_sampling_on_the_device_draws_what_the_host_would() {
         let mut on_host = Vec::new();
         for _ in 0..params.max_tokens {
             let mut logits = next_logits(&model, &ids);
-            let id = phi2_web::generation::sample(&mut logits, &ids, &params, &mut rng).unwrap();
+            let prompt_len = ids.len() - on_host.len();
+            let id = phi2_web::generation::sample(
+                &mut logits,
+                &ids,
+                prompt_len,
+                None,
+                &params,
+                &mut rng,
+            )
+            .unwrap();
             ids.push(id);
             on_host.push(id);
             if id == phi2_web::tokenizer::END_OF_TEXT {
                 break;
             }
         }
-        assert_eq!(on_device, on_host, "{backend:?}");
+        assert_eq!(on_device, on_host, "{backend:?}, top-k {top_k}");
     }
 }
 

@@ -1,4 +1,5 @@
-//! `phi2`: the native command line — generate text, print logits, tokenize.
+//! `phi2`: the native command line — generate text, answer OpenAI-style chat requests, print
+//! logits, tokenize, convert, benchmark, download.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,13 +9,15 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
 
+use phi2_web::chat::ChatRun;
+use phi2_web::constraint::{LazyGrammars, ResponseFormat};
 use phi2_web::kernels::{KernelChoice, KernelOptions};
 use phi2_web::loading::load_dir;
 use phi2_web::weights::convert::{convert_gguf, convert_hf, synthesize, Summary};
 use phi2_web::{
-    block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session,
+    block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session, Timings,
 };
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +34,9 @@ struct Cli {
 enum Command {
     /// Generate a continuation of a prompt, streaming the text.
     Generate(GenerateArgs),
+    /// Answer an OpenAI-style chat completion request (JSON file; `-` reads stdin): prints the
+    /// `chat.completion`, or one `chat.completion.chunk` per line with `"stream": true`.
+    Chat(ChatArgs),
     /// Print the logits of the last position as JSON.
     Logits(LogitsArgs),
     /// Print the token ids of a text as JSON.
@@ -43,6 +49,15 @@ enum Command {
     Bench(BenchArgs),
     /// Download a bundle from a URL into a directory (retries, sha256 checks, resumes).
     Download(DownloadArgs),
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The request: `{"messages": [...], "max_tokens": …, "response_format": …, …}`.
+    #[arg(long)]
+    request: PathBuf,
 }
 
 #[derive(Args)]
@@ -73,6 +88,14 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Decode under this output constraint (as `response_format`, e.g. a grammar), to measure
+    /// what constraining costs; `<|endoftext|>` stays masked so that every token is decoded.
+    #[arg(long, value_parser = parse_response_format)]
+    response_format: Option<ResponseFormat>,
+}
+
+fn parse_response_format(text: &str) -> std::result::Result<ResponseFormat, String> {
+    serde_json::from_str(text).map_err(|e| format!("not a response_format: {e}"))
 }
 
 #[derive(Args)]
@@ -149,6 +172,11 @@ struct GenerateArgs {
     /// Print one JSON object {prompt_ids, generated_ids, text, stop_reason} instead of streaming.
     #[arg(long)]
     json: bool,
+    /// Constrain the output, as OpenAI's `response_format`: `{"type": "json_object"}`,
+    /// `{"type": "json_schema", "json_schema": {"schema": …}}` or
+    /// `{"type": "grammar", "grammar": {"syntax": "lark"|"regex", "definition": …}}`.
+    #[arg(long, value_parser = parse_response_format)]
+    response_format: Option<ResponseFormat>,
 }
 
 #[derive(Args)]
@@ -175,6 +203,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Chat(args) => chat(args),
         Command::Logits(args) => logits(args),
         Command::Tokenize(args) => tokenize(args),
         Command::Convert(args) => convert(args),
@@ -200,25 +229,30 @@ fn load(args: &ModelArgs) -> Result<(phi2_web::Phi, PhiTokenizer)> {
     load_dir(&args.model, &device, options)
 }
 
+/// Nanoseconds since the Unix epoch: a seed, or an id, where none is given.
+fn clock_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 fn generate(args: GenerateArgs) -> Result<()> {
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    });
     let params = SamplingParams {
         max_tokens: args.max_tokens,
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
         repetition_penalty: args.repetition_penalty,
-        seed,
+        seed: args.seed.unwrap_or_else(clock_nanos),
         stop: args.stop,
+        response_format: args.response_format,
+        ..SamplingParams::default()
     };
     params.validate()?;
     let (model, tokenizer) = load(&args.model)?;
     let prompt_ids = tokenizer.encode(&args.prompt)?;
-    let mut session = Session::new(&model, prompt_ids, params)?;
+    let mut grammars = LazyGrammars::default();
+    let mut session = Session::start(&model, &tokenizer, &mut grammars, None, prompt_ids, params)?;
     let mut stdout = std::io::stdout().lock();
     while let Some(token) = block_on(session.next(&model, &tokenizer))? {
         if !args.json {
@@ -239,6 +273,53 @@ fn generate(args: GenerateArgs) -> Result<()> {
         String::new()
     };
     writeln!(stdout, "{out}").map_err(|e| Error::io("stdout", e))
+}
+
+fn chat(args: ChatArgs) -> Result<()> {
+    let text = match args.request.to_str() {
+        Some("-") => {
+            std::io::read_to_string(std::io::stdin()).map_err(|e| Error::io("stdin", e))?
+        }
+        _ => String::from_utf8(read(&args.request)?)
+            .map_err(|e| Error::io(args.request.display().to_string(), e))?,
+    };
+    let request: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(args.request.display().to_string(), format!("not JSON: {e}")))?;
+    let nanos = clock_nanos();
+    let id = format!("chatcmpl-{nanos:x}");
+    let start = ChatRun::start(&request, id, nanos / 1_000_000_000, nanos)?;
+    let (model, tokenizer) = load(&args.model)?;
+    let mut run = start.run;
+    let prompt_ids = tokenizer.encode(&start.prompt)?;
+    let mut grammars = LazyGrammars::default();
+    let mut session = Session::start(
+        &model,
+        &tokenizer,
+        &mut grammars,
+        None,
+        prompt_ids,
+        start.params,
+    )?;
+    let clock = Instant::now();
+    let mut timings = Timings::start(0.0);
+    let mut stdout = std::io::stdout().lock();
+    let mut print = |value: &Value| writeln!(stdout, "{value}").map_err(|e| Error::io("stdout", e));
+    while let Some(token) = block_on(session.next(&model, &tokenizer))? {
+        timings.token(clock.elapsed().as_secs_f64() * 1000.0);
+        let chunk = run.delta(&token.text);
+        if let Some(chunk) = chunk.filter(|_| run.is_streamed()) {
+            print(&chunk)?;
+        }
+    }
+    let stats = timings.stats(&session);
+    if run.is_streamed() {
+        for chunk in run.finish_chunks(&stats) {
+            print(&chunk)?;
+        }
+        Ok(())
+    } else {
+        print(&run.completion(&stats))
+    }
 }
 
 fn logits(args: LogitsArgs) -> Result<()> {
@@ -390,6 +471,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         args.prompt_tokens,
         args.gen_tokens,
         args.copy_mb << 20,
+        args.response_format,
         &now_ms,
     ))?;
     let mut report = serde_json::to_value(report).expect("JSON");
