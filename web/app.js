@@ -3,7 +3,7 @@
 //
 // Query parameters make the page scriptable (used by the browser tests):
 //   ?model=URL&prompt=TEXT&max=N&backend=auto|webgpu|cpu&worker=0|1&temperature=T&autorun=1
-//   &kernels=auto|portable|subgroups (the package's `kernels` option)
+//   &kernels=auto|portable|subgroups (the package's `kernels` option)&json=1 (JSON output)
 // With autorun=1 the page loads the model (in a worker unless worker=0), collects every progress
 // event, generates from the prompt as given (no format template; temperature 0 and 16 tokens
 // unless given), then writes
@@ -37,6 +37,7 @@ const ui = {
   temperature: $('temperature'),
   topP: $('top-p'),
   maxTokens: $('max-tokens'),
+  jsonOutput: $('json-output'),
   generateBtn: $('generate-btn'),
   stopBtn: $('stop-btn'),
   output: $('output'),
@@ -540,7 +541,9 @@ async function onGenerate() {
       maxTokens: readNumber(ui.maxTokens, 'maxTokens'),
     };
     const { prompt, stop } = (FORMATS[format] ?? FORMATS.raw).build(message);
-    if (stop.length > 0) options.stop = stop;
+    // A constrained answer ends when its JSON is complete; a stop string could cut it.
+    if (ui.jsonOutput.checked) options.responseFormat = { type: 'json_object' };
+    else if (stop.length > 0) options.stop = stop;
     if (format === 'chat') {
       if (message.trim() === '') return;
       state.turns.push({ message, reply: '' });
@@ -594,6 +597,7 @@ async function autorun() {
       maxTokens: params.has('max') ? Number(params.get('max')) : 16,
       temperature: params.has('temperature') ? Number(params.get('temperature')) : 0,
     };
+    if (params.get('json') === '1') options.responseFormat = { type: 'json_object' };
     const { generatedIds, text, stats } = await runGeneration(model, prompt, options, plainOutput(prompt));
     writeResult({ generatedIds, text, backend: model.info?.backend, stats, progress, info: model.info });
   } catch (error) {

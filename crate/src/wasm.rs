@@ -4,12 +4,15 @@
 //!   Cache Storage) and pushes them here in order; each is verified and uploaded at once.
 //! - `Phi2Model.load`: loads a model directory (bundle or HF checkpoint) by plain `fetch`.
 //! - `Phi2Model.generate`: a JS async iterator of `{tokenId, text}`, ending with stats.
+//! - `Phi2Model.chat`: an OpenAI chat completion request; an async iterator of
+//!   `chat.completion.chunk`s, ending with the `chat.completion`.
 //!
 //! Errors are JS `Error`s whose `name` says the kind (`LoadError`, `IntegrityError`,
 //! `FormatError`, `OptionError`, `DeviceError`, `StateError`) and whose `details` name the
 //! file, chunk, tensor, field or option.
 
 use std::cell::{RefCell, RefMut};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use js_sys::{Object, Promise, Reflect, Uint8Array};
@@ -17,6 +20,8 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::{future_to_promise, JsFuture};
 
+use crate::chat::ChatRun;
+use crate::constraint::{LazyGrammars, ResponseFormat};
 use crate::error::{Error, Result};
 use crate::generation::{GenerationStats, Timings};
 use crate::kernels::{describe_device, KernelOptions};
@@ -120,6 +125,8 @@ impl FileSource for HttpSource {
 struct Loaded {
     model: Phi,
     tokenizer: PhiTokenizer,
+    /// Output constraints' vocabulary index, made when first needed.
+    grammars: LazyGrammars,
     /// The last generation: its KV cache serves the next prompt's shared start.
     session: Option<Session>,
     /// Which `Generation` owns `session`; a newer one ends the older.
@@ -228,30 +235,29 @@ impl Phi2Model {
 
     /// Starts a generation and returns it as an async iterator of `{tokenId, text}`; its final
     /// result (and `stats` afterwards) holds the figures. `options` is `{maxTokens,
-    /// temperature, topK, topP, repetitionPenalty, seed, stop}`, every key optional (greedy by
-    /// default). The previous generation ends; its cache serves the prompt's shared start.
+    /// temperature, topK, topP, repetitionPenalty, frequencyPenalty, presencePenalty, seed,
+    /// stop, responseFormat}`, every key optional (greedy by default). The previous generation
+    /// ends; its cache serves the prompt's shared start.
     pub fn generate(
         &self,
         prompt: &str,
         options: JsValue,
     ) -> std::result::Result<JsValue, JsValue> {
         let params = sampling_params(&options).map_err(js_error)?;
-        let mut loaded = borrow_loaded(&self.engine)?;
-        let ids = loaded.tokenizer.encode(prompt).map_err(js_error)?;
-        let previous = loaded.session.take();
-        let session = Session::resume(&loaded.model, previous, ids, params).map_err(js_error)?;
-        loaded.session = Some(session);
-        loaded.generation += 1;
-        let generation = Generation {
-            engine: self.engine.clone(),
-            id: loaded.generation,
-            state: Rc::new(RefCell::new(GenerationState {
-                timings: Timings::start(now_ms()),
-                stopped: false,
-                stats: None,
-            })),
-        };
-        Ok(async_iterable(generation.into()))
+        self.start(prompt, params, None)
+    }
+
+    /// Answers an OpenAI chat completion `request` (`{messages, max_tokens, temperature,
+    /// top_p, seed, stop, frequency_penalty, presence_penalty, response_format, stream,
+    /// stream_options}`; see [`crate::chat`]) as an async iterator of `chat.completion.chunk`
+    /// objects whose final result is the `chat.completion`; `stats` afterwards as for
+    /// `generate`. The previous generation ends; its cache serves the conversation's start.
+    pub fn chat(&self, request: JsValue) -> std::result::Result<JsValue, JsValue> {
+        let request: serde_json::Value = js_json(&request, "request").map_err(js_error)?;
+        let id = format!("chatcmpl-{:016x}", random_seed());
+        let created = (js_sys::Date::now() / 1000.0) as u64;
+        let start = ChatRun::start(&request, id, created, random_seed()).map_err(js_error)?;
+        self.start(&start.prompt, start.params, Some(start.run))
     }
 
     /// Compiles the model's GPU pipelines before the first real prompt (compiling costs
@@ -272,11 +278,26 @@ impl Phi2Model {
     }
 
     /// The benchmark `phi2 bench` runs ([`crate::bench::run`]): resolves to its report
-    /// (camelCase keys). Ends any running generation.
+    /// (camelCase keys). `response_format` (optional) decodes under that constraint. Ends any
+    /// running generation.
     #[allow(clippy::await_holding_refcell_ref)] // the borrow is the lock: see `borrow_loaded`
-    pub fn bench(&self, prompt_tokens: usize, gen_tokens: usize, copy_mb: u32) -> Promise {
+    pub fn bench(
+        &self,
+        prompt_tokens: usize,
+        gen_tokens: usize,
+        copy_mb: u32,
+        response_format: JsValue,
+    ) -> Promise {
         let engine = self.engine.clone();
         future_to_promise(async move {
+            let response_format: Option<ResponseFormat> =
+                match response_format.is_undefined() || response_format.is_null() {
+                    true => None,
+                    false => serde_json::from_value(
+                        js_json(&response_format, "responseFormat").map_err(js_error)?,
+                    )
+                    .map_err(|e| js_error(Error::option("responseFormat", e.to_string())))?,
+                };
             let mut loaded = borrow_loaded(&engine)?;
             let Loaded {
                 model,
@@ -291,6 +312,7 @@ impl Phi2Model {
                 prompt_tokens,
                 gen_tokens,
                 u64::from(copy_mb) << 20,
+                response_format,
                 &now_ms,
             )
             .await
@@ -310,12 +332,47 @@ impl Phi2Model {
 }
 
 impl Phi2Model {
+    /// The generation iterator of `prompt` (a chat's when `chat` is given).
+    fn start(
+        &self,
+        prompt: &str,
+        params: SamplingParams,
+        chat: Option<ChatRun>,
+    ) -> std::result::Result<JsValue, JsValue> {
+        let mut loaded = borrow_loaded(&self.engine)?;
+        let ids = loaded.tokenizer.encode(prompt).map_err(js_error)?;
+        let previous = loaded.session.take();
+        let Loaded {
+            model,
+            tokenizer,
+            grammars,
+            ..
+        } = &mut *loaded;
+        let session =
+            Session::start(model, tokenizer, grammars, previous, ids, params).map_err(js_error)?;
+        loaded.session = Some(session);
+        loaded.generation += 1;
+        let generation = Generation {
+            engine: self.engine.clone(),
+            id: loaded.generation,
+            state: Rc::new(RefCell::new(GenerationState {
+                timings: Timings::start(now_ms()),
+                stopped: false,
+                stats: None,
+                chat,
+                pending: VecDeque::new(),
+            })),
+        };
+        Ok(async_iterable(generation.into()))
+    }
+
     fn new(model: Phi, tokenizer: PhiTokenizer, backend: BackendKind) -> Self {
         Phi2Model {
             device: describe_device(model.device(), model.kernel_plan()),
             engine: Rc::new(RefCell::new(Some(Loaded {
                 model,
                 tokenizer,
+                grammars: LazyGrammars::default(),
                 session: None,
                 generation: 0,
             }))),
@@ -328,6 +385,10 @@ struct GenerationState {
     timings: Timings,
     stopped: bool,
     stats: Option<GenerationStats>,
+    /// A chat completion's run: its items are chunks, its result the completion.
+    chat: Option<ChatRun>,
+    /// A chat's final chunks, yielded after the last token.
+    pending: VecDeque<serde_json::Value>,
 }
 
 /// One running generation (an async iterator; `generate` makes it iterable).
@@ -336,6 +397,14 @@ pub struct Generation {
     engine: Engine,
     id: u64,
     state: Rc<RefCell<GenerationState>>,
+}
+
+/// A generation's result: the stats, or a chat's `chat.completion`.
+fn final_result(state: &GenerationState, stats: &GenerationStats) -> JsValue {
+    match &state.chat {
+        Some(run) => to_js(&run.completion(stats)),
+        None => to_js(stats),
+    }
 }
 
 fn iterator_result(done: bool, value: &JsValue) -> JsValue {
@@ -356,14 +425,18 @@ impl Generation {
         let id = self.id;
         future_to_promise(async move {
             let mut loaded = borrow_loaded(&engine)?;
+            if let Some(chunk) = state.borrow_mut().pending.pop_front() {
+                return Ok(iterator_result(false, &to_js(&chunk)));
+            }
             if let Some(stats) = &state.borrow().stats {
-                return Ok(iterator_result(true, &to_js(stats)));
+                return Ok(iterator_result(true, &final_result(&state.borrow(), stats)));
             }
             let Loaded {
                 model,
                 tokenizer,
                 session,
                 generation,
+                ..
             } = &mut *loaded;
             if *generation != id {
                 return Err(state_error(
@@ -373,23 +446,39 @@ impl Generation {
             let session = session
                 .as_mut()
                 .expect("the current generation has a session");
-            if state.borrow().stopped {
-                session.cancel();
-            }
-            match session.next(model, tokenizer).await.map_err(js_error)? {
-                Some(token) => {
-                    state.borrow_mut().timings.token(now_ms());
-                    let item = Object::new();
-                    Reflect::set(&item, &"tokenId".into(), &token.id.into())?;
-                    Reflect::set(&item, &"text".into(), &token.text.into())?;
-                    Ok(iterator_result(false, &item.into()))
+            // A chat yields only tokens that add to its answer: steps go on until one does.
+            loop {
+                if state.borrow().stopped {
+                    session.cancel();
                 }
-                None => {
-                    let mut state = state.borrow_mut();
+                let token = session.next(model, tokenizer).await.map_err(js_error)?;
+                let mut state = state.borrow_mut();
+                let Some(token) = token else {
                     let stats = state.timings.stats(session);
-                    let value = to_js(&stats);
+                    let state = &mut *state;
+                    if let Some(run) = state.chat.as_mut() {
+                        state.pending.extend(run.finish_chunks(&stats));
+                    }
+                    let result = match state.pending.pop_front() {
+                        Some(chunk) => iterator_result(false, &to_js(&chunk)),
+                        None => iterator_result(true, &final_result(state, &stats)),
+                    };
                     state.stats = Some(stats);
-                    Ok(iterator_result(true, &value))
+                    return Ok(result);
+                };
+                state.timings.token(now_ms());
+                match state.chat.as_mut() {
+                    Some(run) => {
+                        if let Some(chunk) = run.delta(&token.text) {
+                            return Ok(iterator_result(false, &to_js(&chunk)));
+                        }
+                    }
+                    None => {
+                        let item = Object::new();
+                        Reflect::set(&item, &"tokenId".into(), &token.id.into())?;
+                        Reflect::set(&item, &"text".into(), &token.text.into())?;
+                        return Ok(iterator_result(false, &item.into()));
+                    }
                 }
             }
         })
@@ -525,6 +614,15 @@ impl BundleLoading {
     }
 }
 
+/// A plain JS value (`what` names it in errors) as JSON.
+fn js_json(value: &JsValue, what: &str) -> Result<serde_json::Value> {
+    let json = js_sys::JSON::stringify(value)
+        .ok()
+        .and_then(|s| s.as_string())
+        .ok_or_else(|| Error::option(what, "must be a plain object"))?;
+    serde_json::from_str(&json).map_err(|e| Error::option(what, e.to_string()))
+}
+
 /// Reads the JS options object; a missing seed is drawn at random.
 fn sampling_params(options: &JsValue) -> Result<SamplingParams> {
     if options.is_undefined() || options.is_null() {
@@ -533,12 +631,7 @@ fn sampling_params(options: &JsValue) -> Result<SamplingParams> {
             ..SamplingParams::default()
         });
     }
-    let json = js_sys::JSON::stringify(options)
-        .ok()
-        .and_then(|s| s.as_string())
-        .ok_or_else(|| Error::option("options", "must be a plain object"))?;
-    let mut value: serde_json::Value =
-        serde_json::from_str(&json).map_err(|e| Error::option("options", e.to_string()))?;
+    let mut value = js_json(options, "options")?;
     let Some(map) = value.as_object_mut() else {
         return Err(Error::option("options", "must be a plain object"));
     };

@@ -20,6 +20,9 @@ import {
  * @typedef {import('./index.js').BenchOptions} BenchOptions
  * @typedef {import('./index.js').BenchReport} BenchReport
  * @typedef {import('./index.js').Backend} Backend
+ * @typedef {import('./index.js').ChatCompletionRequest} ChatCompletionRequest
+ * @typedef {import('./index.js').ChatCompletion} ChatCompletion
+ * @typedef {import('./index.js').ChatCompletionChunk} ChatCompletionChunk
  * @typedef {import('./index.js').Engine} EngineInterface
  * @typedef {any} GPUAdapter WebGPU's adapter (TypeScript's DOM library has no WebGPU types)
  */
@@ -189,19 +192,44 @@ export class Engine {
    * @returns {AsyncGenerator<GeneratedToken, GenerationStats, undefined>}
    */
   async *generate(prompt, options = {}) {
-    if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
     if (typeof prompt !== 'string') {
       throw new Phi2Error('OptionError', `prompt must be a string, not ${typeof prompt}`, { option: 'prompt' });
     }
     const { signal, ...params } = options ?? {};
-    // One generation at a time: a new one ends the previous (its cache serves this prompt).
+    return /** @type {GenerationStats} */ (yield* this.#stream((model) => model.generate(prompt, params), signal));
+  }
+
+  /**
+   * Answers an OpenAI chat completion request (see index.d.ts): yields its
+   * `chat.completion.chunk`s and returns the `chat.completion`. An aborted `signal` ends it
+   * with an AbortError, as OpenAI's client does.
+   * @param {ChatCompletionRequest} request without its `signal`
+   * @param {{ signal?: AbortSignal }} [options]
+   * @returns {AsyncGenerator<ChatCompletionChunk, ChatCompletion, undefined>}
+   */
+  async *chat(request, { signal } = {}) {
+    const completion = yield* this.#stream((model) => model.chat(request), signal);
+    if (signal?.aborted) throw abortError(signal);
+    return /** @type {ChatCompletion} */ (completion);
+  }
+
+  /**
+   * Runs one generation of the wasm model (`start` makes it): yields its items and returns its
+   * result; `signal` (or `stop()`) ends it before the next step. One runs at a time: a new one
+   * ends the previous (whose cache serves it).
+   * @param {(model: import('./wasm/phi2_web.js').Phi2Model) => any} start
+   * @param {AbortSignal} [signal]
+   * @returns {AsyncGenerator<any, any, undefined>}
+   */
+  async *#stream(start, signal) {
+    if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
     this.stop();
     await this.#idle;
     if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
     const markIdle = this.#busy();
     let generation;
     try {
-      generation = this.#model.generate(prompt, params);
+      generation = start(this.#model);
     } catch (error) {
       markIdle();
       throw modelError(error);
@@ -221,7 +249,7 @@ export class Engine {
         }
         if (result.done) {
           finished = true;
-          this.lastStats = result.value;
+          this.lastStats = generation.stats;
           return result.value;
         }
         yield result.value;
@@ -233,7 +261,8 @@ export class Engine {
         // model is ready for the next one.
         generation.stop();
         try {
-          this.lastStats = (await generation.next()).value;
+          await generation.next();
+          this.lastStats = generation.stats;
         } catch {
           // superseded or unloaded: nothing to finish
         }
@@ -251,7 +280,7 @@ export class Engine {
    * @param {BenchOptions} [options]
    * @returns {Promise<BenchReport>}
    */
-  async bench({ promptTokens = 128, genTokens = 32, copyMb = 64 } = {}) {
+  async bench({ promptTokens = 128, genTokens = 32, copyMb = 64, responseFormat } = {}) {
     if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
     for (const [option, value] of Object.entries({ promptTokens, genTokens, copyMb })) {
       if (!Number.isInteger(value) || value < 1) {
@@ -263,7 +292,7 @@ export class Engine {
     if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
     const markIdle = this.#busy();
     try {
-      const report = await this.#model.bench(promptTokens, genTokens, copyMb);
+      const report = await this.#model.bench(promptTokens, genTokens, copyMb, responseFormat);
       return { ...report, device: this.info.device }; // the same device, named (nameDevice)
     } catch (error) {
       throw modelError(error);

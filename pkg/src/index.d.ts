@@ -89,12 +89,105 @@ export interface GenerateOptions {
   topP?: number;
   /** 1 (default) is none. */
   repetitionPenalty?: number;
+  /** OpenAI's, in [-2, 2]: subtracted once per time a token was generated so far (default 0). */
+  frequencyPenalty?: number;
+  /** OpenAI's, in [-2, 2]: subtracted from every token generated so far (default 0). */
+  presencePenalty?: number;
   /** Seeds sampling (random when omitted). */
   seed?: number;
   /** Strings that end generation (not included in the output). */
   stop?: string[];
+  /** What the output must be; generation ends when it is complete. */
+  responseFormat?: ResponseFormat;
   /** Ends generation before the next token. */
   signal?: AbortSignal;
+}
+
+/**
+ * Output constrained as OpenAI's `response_format` (JSON, a JSON Schema), or to a grammar
+ * (OpenAI's grammar shape from custom tools: Lark as llguidance reads it, or a regex). JSON is
+ * written as `json.dumps` writes it: `", "` and `": "`, no other whitespace.
+ */
+export type ResponseFormat =
+  | { type: 'text' }
+  | { type: 'json_object' }
+  | { type: 'json_schema'; json_schema: { name?: string; description?: string; schema: object; strict?: boolean } }
+  | { type: 'grammar'; grammar: { syntax: 'lark' | 'regex'; definition: string } };
+
+/** A chat message; content is text, or text parts. */
+export interface ChatMessage {
+  role: 'system' | 'developer' | 'user' | 'assistant';
+  content: string | Array<{ type: 'text'; text: string }>;
+  name?: string;
+}
+
+/** OpenAI's chat completion request, the fields this engine reads. Others are an OptionError. */
+export interface ChatCompletionRequest {
+  messages: ChatMessage[];
+  /** Accepted and echoed in the response (default "phi-2"). */
+  model?: string;
+  stream?: boolean;
+  stream_options?: { include_usage?: boolean };
+  max_tokens?: number;
+  max_completion_tokens?: number;
+  /** 0 (the default here: greedy; OpenAI's is 1). */
+  temperature?: number;
+  top_p?: number;
+  seed?: number;
+  stop?: string | string[];
+  frequency_penalty?: number;
+  presence_penalty?: number;
+  response_format?: ResponseFormat;
+  /** 1 only. */
+  n?: number;
+  logprobs?: false | null;
+  user?: string;
+  metadata?: Record<string, string>;
+  signal?: AbortSignal;
+}
+
+export interface ChatCompletionUsage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  /** `cached_tokens`: prompt tokens taken from the previous turn's KV cache (not run again). */
+  prompt_tokens_details: { cached_tokens: number };
+}
+
+export interface ChatCompletion {
+  id: string;
+  object: 'chat.completion';
+  created: number;
+  model: string;
+  choices: Array<{
+    index: 0;
+    message: { role: 'assistant'; content: string; refusal: null };
+    logprobs: null;
+    /** 'length' when max_tokens (or the context) ran out, else 'stop'. */
+    finish_reason: 'stop' | 'length';
+  }>;
+  usage: ChatCompletionUsage;
+}
+
+export interface ChatCompletionChunk {
+  id: string;
+  object: 'chat.completion.chunk';
+  created: number;
+  model: string;
+  /** Empty in the last chunk of a stream with `stream_options.include_usage`, which has `usage`. */
+  choices: Array<{
+    index: 0;
+    delta: { role?: 'assistant'; content?: string };
+    logprobs: null;
+    finish_reason: 'stop' | 'length' | null;
+  }>;
+  usage?: ChatCompletionUsage;
+}
+
+export interface ChatCompletions {
+  create(request: ChatCompletionRequest & { stream: true }, options?: { signal?: AbortSignal }): Promise<AsyncIterable<ChatCompletionChunk>>;
+  create(request: ChatCompletionRequest & { stream?: false | null }, options?: { signal?: AbortSignal }): Promise<ChatCompletion>;
+  create(request: ChatCompletionRequest, options?: { signal?: AbortSignal }): Promise<ChatCompletion | AsyncIterable<ChatCompletionChunk>>;
 }
 
 export interface GeneratedToken {
@@ -121,6 +214,8 @@ export interface BenchOptions {
   genTokens?: number;
   /** MiB of the device copy the bandwidth is compared with (default 64). */
   copyMb?: number;
+  /** Decode under this constraint (`<|endoftext|>` stays masked), to measure what it costs. */
+  responseFormat?: ResponseFormat;
 }
 
 export interface BenchReport {
@@ -178,6 +273,8 @@ export interface Engine {
   readonly lastStats: GenerationStats | undefined;
   /** One generation at a time: a new one ends the previous (whose cache serves it). */
   generate(prompt: string, options?: GenerateOptions): AsyncGenerator<GeneratedToken, GenerationStats, undefined>;
+  /** A chat completion's chunks, then the completion; a generation like `generate`'s. */
+  chat(request: Omit<ChatCompletionRequest, 'signal'>, options?: { signal?: AbortSignal }): AsyncGenerator<ChatCompletionChunk, ChatCompletion, undefined>;
   /** Ends the running generation, if any, before its next token. */
   stop(): void;
   bench(options?: BenchOptions): Promise<BenchReport>;
@@ -190,6 +287,8 @@ export declare class Phi2 {
   constructor();
   static load(url: string | URL, options?: LoadOptions): Promise<Phi2>;
   generate(prompt: string, options?: GenerateOptions): AsyncGenerator<GeneratedToken, GenerationStats, undefined>;
+  /** OpenAI's chat completions (`model.chat.completions.create({ messages, stream })`). */
+  readonly chat: { readonly completions: ChatCompletions };
   /** Ends the running generation before its next token. */
   stop(): void;
   unload(): Promise<void>;

@@ -76,12 +76,41 @@ export class Phi2 {
 
   /**
    * Streams the continuation of `prompt`: an async iterator of `{ text, tokenId }`. Options:
-   * `maxTokens` (256), `temperature` (0 = greedy), `topK`, `topP`, `repetitionPenalty`, `seed`,
-   * `stop` (strings), `signal`. A new generate ends the previous one; the start both prompts
-   * share is not run again (multi-turn chat). `model.stats` afterwards holds the figures.
+   * `maxTokens` (256), `temperature` (0 = greedy), `topK`, `topP`, `repetitionPenalty`,
+   * `frequencyPenalty`, `presencePenalty`, `seed`, `stop` (strings), `responseFormat` (JSON, a
+   * JSON Schema or a grammar, as OpenAI's `response_format`), `signal`. A new generate ends the
+   * previous one; the start both prompts share is not run again (multi-turn chat).
+   * `model.stats` afterwards holds the figures.
    */
   generate(prompt, options = {}) {
     return this.#ready().generate(prompt, options);
+  }
+
+  /**
+   * OpenAI's chat completions: `await model.chat.completions.create({ messages, stream, … })`
+   * resolves to a `chat.completion`, or with `stream: true` to an async iterable of
+   * `chat.completion.chunk`s. The messages become a prompt in Phi-2's formats (see the README).
+   * `signal` may be given in the request or in the options (as OpenAI's client takes it).
+   */
+  chat = Object.freeze({
+    completions: Object.freeze({
+      create: (request, options) => this.#createChatCompletion(request, options),
+    }),
+  });
+
+  async #createChatCompletion(request, options = {}) {
+    if (request === null || typeof request !== 'object' || Array.isArray(request)) {
+      throw new Phi2Error('OptionError', 'the request must be an object ({ messages, … })', { option: 'request' });
+    }
+    const { signal: requestSignal, ...body } = request;
+    const signal = options?.signal ?? requestSignal;
+    if (signal?.aborted) throw abortError(signal);
+    const chunks = this.#ready().chat(body, { signal });
+    if (body.stream) return chunks;
+    for (;;) {
+      const { done, value } = await chunks.next();
+      if (done) return value;
+    }
   }
 
   /** Ends the running generation before its next token. */

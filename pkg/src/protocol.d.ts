@@ -2,7 +2,10 @@
 // (worker.js). Every message carries the id of the request it belongs to; the page numbers its
 // requests, the worker runs them one after another (pull and abort act at once).
 
-import type { BenchOptions, GenerateOptions, GeneratedToken, LoadProgress, Phi2ErrorDetails, Phi2ErrorName } from './index.js';
+import type {
+  BenchOptions, ChatCompletionChunk, ChatCompletionRequest, GenerateOptions, GeneratedToken, GenerationStats,
+  LoadProgress, Phi2ErrorDetails, Phi2ErrorName,
+} from './index.js';
 
 /** Load options as they cross to the worker (no callback, no signal: those stay on the page). */
 export interface WorkerLoadOptions {
@@ -19,16 +22,19 @@ export interface WorkerLoadOptions {
 export type WorkerRequest =
   | { type: 'load'; id: number; url: string; options: WorkerLoadOptions }
   | { type: 'generate'; id: number; prompt: string; options: Omit<GenerateOptions, 'signal'> }
+  | { type: 'chat'; id: number; request: Omit<ChatCompletionRequest, 'signal'> }
   | { type: 'bench'; id: number; options: BenchOptions }
   | { type: 'unload'; id: number }
-  /** Generation `id`'s consumer has taken `delivered` tokens: the worker may run ahead of it. */
+  /** Generation `id`'s consumer has taken `delivered` items: the worker may run ahead of it. */
   | { type: 'pull'; id: number; delivered: number }
   /** Ends load or generation `id` (also while it waits its turn). */
   | { type: 'abort'; id: number };
 
-/** Worker → page: progress and tokens until one result or error ends the request. */
+/** Worker → page: progress and items (a generation's tokens, a chat's chunks) until one result
+ * or error ends the request. */
 export type WorkerReply =
   | { type: 'progress'; id: number; event: LoadProgress }
-  | { type: 'token'; id: number; value: GeneratedToken }
-  | { type: 'result'; id: number; value: unknown }
+  | { type: 'item'; id: number; value: GeneratedToken | ChatCompletionChunk }
+  /** `stats`: a generation's or chat's figures (a chat's value is its completion). */
+  | { type: 'result'; id: number; value: unknown; stats?: GenerationStats }
   | { type: 'error'; id: number; error: { name: Phi2ErrorName; message: string; details: Phi2ErrorDetails } };

@@ -2,7 +2,7 @@
 // The page's side of the engine worker (worker.js): an Engine (index.d.ts) whose calls become
 // messages of the worker protocol (protocol.d.ts).
 
-import { Phi2Error } from './errors.js';
+import { abortError, Phi2Error } from './errors.js';
 
 /**
  * @typedef {import('./index.js').Engine} Engine
@@ -16,6 +16,9 @@ import { Phi2Error } from './errors.js';
  * @typedef {import('./protocol.js').WorkerRequest} WorkerRequest
  * @typedef {import('./protocol.js').WorkerReply} WorkerReply
  * @typedef {import('./protocol.js').WorkerLoadOptions} WorkerLoadOptions
+ * @typedef {import('./index.js').ChatCompletionRequest} ChatCompletionRequest
+ * @typedef {import('./index.js').ChatCompletion} ChatCompletion
+ * @typedef {import('./index.js').ChatCompletionChunk} ChatCompletionChunk
  */
 
 /**
@@ -131,30 +134,51 @@ export class WorkerEngine {
   }
 
   /**
-   * Tokens arrive as the worker makes them, at most a few ahead of the consumer (worker.js
-   * TOKENS_AHEAD), who takes them at its own pace. Once stopped (signal, stop() or an early
-   * exit) it yields nothing more: tokens already here are dropped, and the stats count only
-   * the tokens the consumer received.
    * @param {string} prompt
    * @param {GenerateOptions} [options]
    * @returns {AsyncGenerator<GeneratedToken, GenerationStats, undefined>}
    */
   async *generate(prompt, options = {}) {
     const { signal, ...params } = options ?? {};
+    const stats = yield* this.#stream({ type: 'generate', prompt, options: params }, signal);
+    return /** @type {GenerationStats} */ (stats);
+  }
+
+  /**
+   * @param {ChatCompletionRequest} request without its `signal`
+   * @param {{ signal?: AbortSignal }} [options]
+   * @returns {AsyncGenerator<ChatCompletionChunk, ChatCompletion, undefined>}
+   */
+  async *chat(request, { signal } = {}) {
+    const completion = yield* this.#stream({ type: 'chat', request }, signal);
+    if (signal?.aborted) throw abortError(signal);
+    return /** @type {ChatCompletion} */ (completion);
+  }
+
+  /**
+   * A generation in the worker (`message` starts it): its items arrive as the worker makes
+   * them, at most a few ahead of the consumer (worker.js TOKENS_AHEAD), who takes them at its
+   * own pace. Once stopped (signal, stop() or an early exit) it yields nothing more: items
+   * already here are dropped, and the stats count only the tokens the consumer received.
+   * @param {Unnumbered} message
+   * @param {AbortSignal} [signal]
+   * @returns {AsyncGenerator<any, unknown, undefined>}
+   */
+  async *#stream(message, signal) {
     if (signal !== undefined && !(signal instanceof AbortSignal)) {
       throw new Phi2Error('OptionError', 'signal must be an AbortSignal', { option: 'signal' });
     }
-    /** @type {GeneratedToken[]} */
+    /** @type {unknown[]} */
     const arrived = [];
     /** @type {WorkerReply | null} the result or error that ended it */
     let end = null;
     /** @type {(() => void) | null} */
     let wake = null;
-    const id = this.#send({ type: 'generate', prompt, options: params }, (reply) => {
-      if (reply.type === 'token') arrived.push(reply.value);
+    const id = this.#send(message, (reply) => {
+      if (reply.type === 'item') arrived.push(reply.value);
       else end = reply;
       wake?.();
-      return reply.type !== 'token';
+      return reply.type !== 'item';
     });
     let delivered = 0;
     let stopped = false;
@@ -171,11 +195,12 @@ export class WorkerEngine {
     /** @param {WorkerReply} reply */
     const finish = (reply) => {
       if (reply.type === 'error') throw Phi2Error.fromJSON(reply.error);
-      const stats = /** @type {GenerationStats} */ (reply.type === 'result' ? reply.value : undefined);
-      this.lastStats = stopped && delivered < stats.generatedTokens
+      if (reply.type !== 'result') return undefined;
+      const stats = reply.stats;
+      this.lastStats = stats && stopped && delivered < stats.generatedTokens
         ? { ...stats, generatedTokens: delivered, stopReason: 'cancelled' }
         : stats;
-      return this.lastStats;
+      return reply.value;
     };
     this.#stopGeneration = stop;
     signal?.addEventListener('abort', stop, { once: true });
@@ -189,7 +214,7 @@ export class WorkerEngine {
         }
         delivered += 1;
         this.#post({ type: 'pull', id, delivered });
-        yield /** @type {GeneratedToken} */ (arrived.shift());
+        yield arrived.shift();
       }
       returned = true;
       return finish(end);
@@ -197,7 +222,7 @@ export class WorkerEngine {
       signal?.removeEventListener('abort', stop);
       if (this.#stopGeneration === stop) this.#stopGeneration = null;
       if (!returned) {
-        // The consumer left early (break, or an error): the worker stops within a few tokens,
+        // The consumer left early (break, or an error): the worker stops within a few items,
         // and the stats are still this generation's.
         stop();
         while (!end) await untilWoken();

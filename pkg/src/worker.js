@@ -52,17 +52,19 @@ async function handle(message) {
       const onProgress = (/** @type {import('./index.js').LoadProgress} */ event) => post({ type: 'progress', id, event });
       engine = await Engine.load(message.url, { ...message.options, onProgress, signal });
       post({ type: 'result', id, value: engine.info });
-    } else if (message.type === 'generate') {
+    } else if (message.type === 'generate' || message.type === 'chat') {
       if (!engine) throw new Phi2Error('StateError', 'no model is loaded; call Phi2.load() first');
-      const tokens = engine.generate(message.prompt, { ...message.options, signal });
+      const items = message.type === 'generate'
+        ? engine.generate(message.prompt, { ...message.options, signal })
+        : engine.chat(message.request, { signal });
       for (let sent = 0; ; sent++) {
         await untilPulled(request, sent);
-        const next = await tokens.next();
+        const next = await items.next();
         if (next.done) {
-          post({ type: 'result', id, value: next.value });
+          post({ type: 'result', id, value: next.value, stats: engine.lastStats });
           break;
         }
-        post({ type: 'token', id, value: next.value });
+        post({ type: 'item', id, value: next.value });
       }
     } else if (message.type === 'bench') {
       if (!engine) throw new Phi2Error('StateError', 'no model is loaded; call Phi2.load() first');

@@ -8,6 +8,7 @@
 //                                     [--backend webgpu|cpu] [--tokens N]
 //                                     [--kernels auto|portable|subgroups] [--f16]
 //                                     [--bench PROMPT_TOKENS,GEN_TOKENS,COPY_MB]
+//                                     [--response-format JSON]   (decode under that constraint)
 //
 // --bench also runs `model.bench()` (what web/bench.html and `phi2 bench` run) after the cached
 // load and prints its report.
@@ -34,6 +35,7 @@ const bundleDir = path.resolve(args.find((a, i) => !a.startsWith('--') && !args[
 const engine = option('--browser', 'chromium');
 const backend = option('--backend', 'webgpu');
 const f16 = args.includes('--f16');
+const responseFormat = option('--response-format', null);
 const kernels = option('--kernels', 'auto');
 const tokens = Number(option('--tokens', '4'));
 const bench = option('--bench', null)?.split(',').map(Number);
@@ -83,7 +85,7 @@ const sampler = (async () => {
 
 async function load(label) {
   if (cdp) peakHeap = 0;
-  const figures = await page.evaluate(async ({ backend, kernels, f16, tokens, bench }) => {
+  const figures = await page.evaluate(async ({ backend, kernels, f16, tokens, bench, responseFormat }) => {
     const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
     const started = performance.now();
     const model = await Phi2.load('../target/bench-bundle/', { worker: false, backend, kernels, f16 });
@@ -93,12 +95,12 @@ async function load(label) {
       for await (const token of model.generate('Instruct: Say hello.\nOutput:', { maxTokens: tokens })) generated += token ? 1 : 0;
     }
     const report = bench
-      ? await model.bench({ promptTokens: bench[0], genTokens: bench[1], copyMb: bench[2] })
+      ? await model.bench({ promptTokens: bench[0], genTokens: bench[1], copyMb: bench[2], responseFormat })
       : null;
     const result = { loadMs, info: model.info, stats: model.stats, generated, report };
     await model.unload();
     return result;
-  }, { backend, kernels, f16, tokens, bench: label === 'cache' ? bench : null });
+  }, { backend, kernels, f16, tokens, bench: label === 'cache' ? bench : null, responseFormat: responseFormat && JSON.parse(responseFormat) });
   await new Promise((resolve) => setTimeout(resolve, 300));
   return { label, ...figures, peakJsHeapBytes: peakHeap };
 }

@@ -43,6 +43,17 @@ function requireFile(file, what) {
   assert.ok(existsSync(path.resolve(REPO, file)), `${what} is missing: ${file}`);
 }
 
+/** The chat request the browser and the CLI both answer. */
+const CHAT_REQUEST = { messages: [{ role: 'system', content: 'Be brief.' }, { role: 'user', content: PROMPT }], max_tokens: MAX_TOKENS };
+
+/** The CLI's answer to a chat completion request (`phi2 chat`), on the CPU. */
+function nativeChat(model, request) {
+  const file = path.join(REPO, 'target', 'browser-chat-request.json');
+  writeFileSync(file, JSON.stringify(request));
+  const out = execFileSync(PHI2_BIN, ['chat', '--model', model, '--backend', 'cpu', '--request', file], { cwd: REPO });
+  return JSON.parse(out.toString());
+}
+
 /**
  * The CLI's greedy run: {prompt_ids, generated_ids, text}. On the CPU by default; `gpu` runs it
  * on lavapipe (Vulkan) with those extra options.
@@ -82,6 +93,7 @@ before(async () => {
   // What Firefox's f16 run must match: the same kernels with f16 products and KV cache on an
   // f16 adapter, lavapipe, which Firefox's WebGPU also runs on.
   native.f16 = await nativeGenerate(BUNDLE, { gpu: ['--f16', '--kernels', 'portable'] });
+  native.chat = await nativeChat(BUNDLE, CHAT_REQUEST);
   assert.ok(native.bundle.generated_ids.length > 0, 'the CLI generated nothing');
   server = await startServer({ root: REPO });
   for (const engine of ENGINES) {
@@ -274,7 +286,7 @@ test('abort(), stop() and break end a generation at once, on both backends, in w
               constructor(...args) {
                 super(...args);
                 this.addEventListener('message', ({ data }) => {
-                  if (data.type === 'token') tokenMessages += 1;
+                  if (data.type === 'item') tokenMessages += 1;
                 });
               }
             };
@@ -504,6 +516,96 @@ test('Firefox with f16: the f16 products and KV cache give the CLI\'s f16 tokens
   }
 });
 
+test('OpenAI-style chat completions: streamed chunks, the CLI\'s answer, constrained JSON, a reused cache', TIMEOUT, (t) => inEachEngine(t, async (engine, context) => {
+  const outcome = await withPage(context, async (page) => {
+    await page.goto(`${server.url}web/index.html`);
+    return page.evaluate(async ({ url, request }) => {
+      const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
+      const model = await Phi2.load(url, { cache: false });
+      const create = (body) => model.chat.completions.create(body);
+      const whole = await create(request);
+      const chunks = [];
+      for await (const chunk of await create({ ...request, stream: true, stream_options: { include_usage: true } })) {
+        chunks.push(chunk);
+      }
+      const schema = {
+        type: 'object',
+        properties: { name: { type: 'string', maxLength: 10 }, n: { type: 'integer', minimum: 0, maximum: 99 } },
+        required: ['name', 'n'],
+        additionalProperties: false,
+      };
+      const constrained = [];
+      for (const seed of [1, 2, 3]) {
+        const reply = await create({
+          messages: [{ role: 'user', content: 'A name and a number, as JSON.' }],
+          max_tokens: 60, temperature: 1, seed,
+          response_format: { type: 'json_schema', json_schema: { name: 'pair', schema } },
+        });
+        constrained.push({ content: reply.choices[0].message.content, finish: reply.choices[0].finish_reason });
+      }
+      let grammar = '';
+      for await (const { text } of model.generate('Answer:', {
+        maxTokens: 10, temperature: 1, seed: 5,
+        responseFormat: { type: 'grammar', grammar: { syntax: 'lark', definition: 'start: "yes" | "no"' } },
+      })) grammar += text;
+      const grammarStats = model.stats;
+      // A conversation sent back turn by turn: its third turn reuses the second's cache.
+      const messages = [{ role: 'user', content: 'Hello there.' }];
+      const usage = [];
+      for (const turn of [1, 2, 3]) {
+        const reply = await create({ messages, max_tokens: 6 });
+        usage.push(reply.usage);
+        messages.push(reply.choices[0].message, { role: 'user', content: `Turn ${turn}.` });
+      }
+      let refused = null;
+      try {
+        await create({ ...request, tools: [] });
+      } catch (e) {
+        refused = { name: e.name, option: e.details?.option, message: e.message };
+      }
+      const controller = new AbortController();
+      let aborted = null;
+      try {
+        for await (const chunk of await model.chat.completions.create({ ...request, stream: true, max_tokens: 40 }, { signal: controller.signal })) {
+          if (chunk.choices[0]?.delta.content) controller.abort();
+        }
+      } catch (e) {
+        aborted = e.name;
+      }
+      await model.unload();
+      return { whole, chunks, constrained, grammar, grammarStats, usage, refused, aborted };
+    }, { url: bundleUrl, request: CHAT_REQUEST });
+  });
+  process.stderr.write(`[browser test] chat (${engine}): ${JSON.stringify(outcome).slice(0, 1500)}\n`);
+  const { whole, chunks, constrained, grammar, grammarStats, usage, refused, aborted } = outcome;
+  // The same answer as `phi2 chat` natively.
+  assert.equal(whole.object, 'chat.completion');
+  assert.equal(whole.choices[0].message.content, native.chat.choices[0].message.content);
+  assert.deepEqual(whole.usage, native.chat.usage);
+  assert.equal(whole.choices[0].finish_reason, native.chat.choices[0].finish_reason);
+  // Streamed: the same text in chunks, the finish reason, then the usage.
+  assert.ok(chunks.every((c) => c.object === 'chat.completion.chunk' && c.id === chunks[0].id));
+  assert.equal(chunks[0].choices[0].delta.role, 'assistant');
+  assert.equal(chunks.map((c) => c.choices[0]?.delta.content ?? '').join(''), whole.choices[0].message.content);
+  assert.equal(chunks.at(-2).choices[0].finish_reason, whole.choices[0].finish_reason);
+  assert.deepEqual(chunks.at(-1).choices, []);
+  // The same prompt again: all of it but its last token came from the cache.
+  const { prompt_tokens_details: details, ...counts } = chunks.at(-1).usage;
+  assert.deepEqual({ ...counts, prompt_tokens_details: { cached_tokens: 0 } }, whole.usage);
+  assert.equal(details.cached_tokens, whole.usage.prompt_tokens - 1);
+  for (const { content, finish } of constrained) {
+    const value = JSON.parse(content);
+    assert.deepEqual(Object.keys(value).sort(), ['n', 'name'], content);
+    assert.ok(typeof value.name === 'string' && value.name.length <= 10 && Number.isInteger(value.n) && value.n >= 0 && value.n <= 99, content);
+    assert.equal(finish, 'stop');
+  }
+  assert.ok(['yes', 'no'].includes(grammar), grammar);
+  assert.equal(grammarStats.stopReason, 'stop');
+  assert.ok(usage[2].prompt_tokens_details.cached_tokens >= usage[1].prompt_tokens, JSON.stringify(usage));
+  assert.deepEqual(refused && [refused.name, refused.option], ['OptionError', 'tools'], JSON.stringify(refused));
+  assert.equal(aborted, 'AbortError');
+}));
+
 // One engine is enough to check a bundler's output: the bundle is plain ESM either way.
 test('an app bundled with esbuild imports the package and generates in the browser (Chromium)', TIMEOUT, async () => {
   const app = path.join(REPO, 'target', 'browser-app');
@@ -567,12 +669,18 @@ test('the TypeScript typings compile for correct use and reject wrong use', { ti
     try { await model.unload(); } catch (e) { if (e instanceof Phi2Error) console.log(e.name, e.details.tensor, reason, text); }
     const cached: boolean = await Phi2.isCached('models/phi-2/') && await Phi2.deleteCache('models/phi-2/') && await Phi2.hasWebGPU();
     console.log(cached, model.info?.backend === 'webgpu', model.info?.device.length);
+    const completion = await model.chat.completions.create({ messages: [{ role: 'system', content: 'Be brief.' }, { role: 'user', content: 'hi' }], max_tokens: 8, response_format: { type: 'json_object' } });
+    const content: string = completion.choices[0].message.content;
+    const cachedTokens: number = completion.usage.prompt_tokens_details.cached_tokens;
+    const stream = await model.chat.completions.create({ messages: [{ role: 'user', content: [{ type: 'text', text: 'hi' }] }], stream: true }, { signal: new AbortController().signal });
+    for await (const chunk of stream) console.log(chunk.choices[0]?.delta.content ?? '', chunk.usage?.total_tokens, content, cachedTokens);
+    for await (const { text: json } of model.generate('x', { responseFormat: { type: 'grammar', grammar: { syntax: 'lark', definition: 'start: "a"' } }, frequencyPenalty: 0.5 })) console.log(json);
   `;
   const tsc = path.join(TESTS, 'node_modules', '.bin', 'tsc');
   writeFileSync(path.join(dir, 'app.ts'), good);
   execFileSync(tsc, ['-p', dir], { stdio: 'inherit' });
   // One mistake per line: a wrong option type, prompt type, generate option type, item field,
-  // kernels value.
+  // kernels value, chat role, response format.
   writeFileSync(path.join(dir, 'app.ts'), [
     "import { Phi2 } from 'phi2-web';",
     "const model = await Phi2.load('x', { cache: 'yes' });",
@@ -580,6 +688,8 @@ test('the TypeScript typings compile for correct use and reject wrong use', { ti
     "model.generate('x', { maxTokens: '8' });",
     "for await (const token of model.generate('x')) console.log(token.txt);",
     "await Phi2.load('x', { kernels: 'fast' });",
+    "await model.chat.completions.create({ messages: [{ role: 'robot', content: 'x' }] });",
+    "model.generate('x', { responseFormat: { type: 'xml' } });",
   ].join('\n'));
   let output = '';
   assert.throws(() => {
@@ -590,7 +700,7 @@ test('the TypeScript typings compile for correct use and reject wrong use', { ti
       throw e;
     }
   }, 'wrong use must not compile');
-  for (const line of [2, 3, 4, 5, 6]) assert.match(output, new RegExp(`app\\.ts\\(${line},`), `no error on line ${line}:\n${output}`);
+  for (const line of [2, 3, 4, 5, 6, 7, 8]) assert.match(output, new RegExp(`app\\.ts\\(${line},`), `no error on line ${line}:\n${output}`);
 });
 
 test('the package\'s own engines implement its Engine interface and speak the typed worker protocol', { timeout: 3 * 60 * 1000 }, () => {
@@ -616,7 +726,7 @@ test('the package\'s own engines implement its Engine interface and speak the ty
   writeFileSync(misuse, [
     `import type { WorkerRequest, WorkerReply } from ${JSON.stringify(path.join(dist, 'protocol.js'))};`,
     "const pull: WorkerRequest = { type: 'pull', id: 1 };",
-    "const token: WorkerReply = { type: 'token', id: 1, value: 'text' };",
+    "const token: WorkerReply = { type: 'item', id: 1, value: 'text' };",
     'console.log(pull, token);',
   ].join('\n'));
   let output = '';

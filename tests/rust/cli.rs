@@ -137,6 +137,137 @@ fn every_kernel_choice_matches_transformers_greedy_on_the_gpu() {
     );
 }
 
+/// `phi2 chat`: an OpenAI chat completion, or its chunks one per line when streamed; the
+/// answer is the greedy continuation of the Phi-2 prompt the messages make, as `generate`
+/// gives it; a constrained answer parses.
+#[test]
+fn chat_prints_openai_shaped_completions_and_chunks() {
+    let scratch = Scratch::new("cli-chat");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let model = fixture("phi-tok");
+    let model = model.to_str().unwrap();
+    let request_file = |name: &str, request: Value| {
+        let path = scratch.join(name);
+        std::fs::write(&path, request.to_string()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let messages = serde_json::json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is a prime?"}
+    ]);
+    let plain = request_file(
+        "plain.json",
+        serde_json::json!({"messages": messages, "max_tokens": 6, "stop": ["zzz"]}),
+    );
+    let completion = json_stdout(&[
+        "chat",
+        "--model",
+        model,
+        "--backend",
+        "cpu",
+        "--request",
+        &plain,
+    ]);
+    assert_eq!(completion["object"], "chat.completion");
+    assert!(completion["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let choice = &completion["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["finish_reason"], "length");
+    let usage = &completion["usage"];
+    assert_eq!(usage["completion_tokens"], 6);
+    let greedy = greedy_on_phi_tok(
+        "Be brief.\nInstruct: What is a prime?\nOutput:",
+        6,
+        &["--backend", "cpu"],
+    );
+    assert_eq!(usage["prompt_tokens"], ids(&greedy["prompt_ids"]).len());
+    assert_eq!(
+        choice["message"]["content"].as_str().unwrap(),
+        greedy["text"].as_str().unwrap().trim_start()
+    );
+
+    let streamed = request_file(
+        "stream.json",
+        serde_json::json!({"messages": messages, "max_tokens": 6, "stream": true,
+            "stream_options": {"include_usage": true}, "stop": ["zzz"]}),
+    );
+    let args = [
+        "chat",
+        "--model",
+        model,
+        "--backend",
+        "cpu",
+        "--request",
+        &streamed,
+    ];
+    let out = phi2(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chunks: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, choice["message"]["content"].as_str().unwrap());
+    let [.., last, usage_chunk] = chunks.as_slice() else {
+        panic!("too few chunks: {chunks:?}")
+    };
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(usage_chunk["choices"], serde_json::json!([]));
+    assert_eq!(usage_chunk["usage"], completion["usage"]);
+
+    let constrained = request_file(
+        "json.json",
+        serde_json::json!({"messages": messages, "max_tokens": 60, "temperature": 0.8, "seed": 3,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema":
+                {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["n"],
+                 "additionalProperties": false}}}}),
+    );
+    let completion = json_stdout(&[
+        "chat",
+        "--model",
+        model,
+        "--backend",
+        "cpu",
+        "--request",
+        &constrained,
+    ]);
+    let content = completion["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    let value: Value = serde_json::from_str(content).unwrap();
+    assert!(value["n"].is_i64(), "{content}");
+    assert_eq!(completion["choices"][0]["finish_reason"], "stop");
+
+    let bad = request_file(
+        "bad.json",
+        serde_json::json!({"messages": messages, "tools": []}),
+    );
+    fails_with(
+        &[
+            "chat",
+            "--model",
+            model,
+            "--backend",
+            "cpu",
+            "--request",
+            &bad,
+        ],
+        &["option `tools`", "not supported"],
+    );
+}
+
 #[test]
 fn logits_by_ids_match_transformers() {
     let case = &reference("phi-80").cases[0];
