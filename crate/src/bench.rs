@@ -259,7 +259,7 @@ pub async fn run(
             model,
             tokenizer,
             &mut grammars,
-            None,
+            &mut None,
             warm_prompt,
             params.clone(),
         )?;
@@ -268,7 +268,7 @@ pub async fn run(
         }
     } // its KV cache would count twice in the peak memory
 
-    let mut session = Session::start(model, tokenizer, &mut grammars, None, prompt, params)?;
+    let mut session = Session::start(model, tokenizer, &mut grammars, &mut None, prompt, params)?;
     session.ignore_end_of_text();
     let mut timings = Timings::start(now_ms());
     let mut launches = None;

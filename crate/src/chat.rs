@@ -63,6 +63,10 @@ pub struct ChatMessage {
     pub name: Option<String>,
 }
 
+/// A message's fields this engine reads (`refusal` too: OpenAI's responses carry it, and apps
+/// send an answer back as they got it); others, such as tool calls, are refused by name.
+const MESSAGE_FIELDS: [&str; 4] = ["role", "content", "name", "refusal"];
+
 /// A message's content: text, or text parts (`[{type: "text", text}]`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
@@ -202,6 +206,21 @@ fn read_request(request: &Value, seed: u64) -> Result<ChatOptions> {
         }
         if key != "messages" && !FIELDS.contains(&key.as_str()) {
             return Err(Error::option(key, "is not a chat completion field"));
+        }
+    }
+    if let Some(Value::Array(list)) = map.get("messages") {
+        for (index, message) in list.iter().enumerate() {
+            let unknown = message.as_object().and_then(|fields| {
+                fields
+                    .keys()
+                    .find(|key| !MESSAGE_FIELDS.contains(&key.as_str()))
+            });
+            if let Some(key) = unknown {
+                return Err(Error::option(
+                    format!("messages[{index}].{key}"),
+                    "is not supported by phi2-web",
+                ));
+            }
         }
     }
     let messages: Vec<ChatMessage> =
@@ -527,6 +546,13 @@ mod tests {
         assert_eq!(start.params.stop, ["a", "b", "\nInstruct:"]);
         assert_eq!(start.params.seed, 99);
 
+        let mut with_tool_call = plain.clone();
+        with_tool_call["messages"][0]["tool_calls"] = json!([]);
+        let err = ChatRun::start(&with_tool_call, "x".into(), 0, 0).unwrap_err();
+        assert_eq!(
+            err.details(),
+            vec![("option", "messages[0].tool_calls".to_string())]
+        );
         for (field, value, words) in [
             ("tools", json!([]), "not supported"),
             ("logit_bias", json!({}), "not supported"),

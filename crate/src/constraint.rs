@@ -8,7 +8,9 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{JsonCompileOptions, Matcher, ParserFactory};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use toktrie::{
+    InferenceCapabilities, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv,
+};
 
 use crate::error::{Error, Result};
 use crate::tokenizer::{PhiTokenizer, END_OF_TEXT};
@@ -61,6 +63,7 @@ pub enum GrammarSyntax {
 /// bytes (tens of milliseconds for Phi-2's vocabulary): make it once per model.
 pub struct Grammars {
     factory: ParserFactory,
+    vocab_size: usize,
 }
 
 impl Grammars {
@@ -71,6 +74,14 @@ impl Grammars {
             Error::Tokenizer(format!("indexing the vocabulary for constraints: {e}"))
         };
         let json: Value = serde_json::from_str(&tokenizer.to_json()).map_err(|e| failed(&e))?;
+        // llguidance reads byte-level BPE (Phi-2's, GPT-2's) safely; another decoder it may
+        // reject with a panic.
+        if json["decoder"]["type"] != "ByteLevel" {
+            return Err(failed(&format!(
+                "constraints need a byte-level BPE tokenizer; this one's decoder is {}",
+                json["decoder"]["type"]
+            )));
+        }
         let mut words =
             llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| failed(&e))?;
         if words.len() > vocab_size {
@@ -88,7 +99,10 @@ impl Grammars {
         let mut factory = ParserFactory::new(&env, InferenceCapabilities::default(), &[])
             .map_err(|e| failed(&e))?;
         factory.quiet();
-        Ok(Grammars { factory })
+        Ok(Grammars {
+            factory,
+            vocab_size,
+        })
     }
 
     /// The constraint for `format` (`None` for plain text). A schema or grammar that cannot be
@@ -127,9 +141,10 @@ impl Grammars {
         if first.num_set() == 0 {
             return Err(invalid(&"no output can satisfy it"));
         }
+        let next = allowed_tokens(&first, self.vocab_size)?;
         Ok(Some(Constraint {
             matcher,
-            next: None,
+            next: Some(next),
         }))
     }
 }
@@ -223,18 +238,15 @@ impl Constraint {
         if let Some(next) = &self.next {
             return Ok(next.clone());
         }
-        let next = if self.matcher.is_stopped() {
-            None
-        } else {
-            let mask = self.matcher.compute_mask().map_err(constraint_error)?;
-            let allowed: Vec<bool> = (0..vocab as TokenId)
-                .map(|id| mask.is_allowed(id))
-                .collect();
-            let only_the_end = allowed
-                .iter()
-                .enumerate()
-                .all(|(id, &ok)| !ok || id as TokenId == END_OF_TEXT);
-            (!only_the_end).then_some(allowed)
+        if let Some(e) = self.matcher.get_error() {
+            return Err(constraint_error(e));
+        }
+        let next = match self.matcher.is_stopped() {
+            true => None,
+            false => {
+                let mask = self.matcher.compute_mask().map_err(constraint_error)?;
+                allowed_tokens(&mask, vocab)?
+            }
         };
         self.next = Some(next.clone());
         Ok(next)
@@ -244,6 +256,22 @@ impl Constraint {
     pub fn advance(&mut self, id: u32) -> Result<()> {
         self.next = None;
         self.matcher.consume_token(id).map_err(constraint_error)
+    }
+}
+
+/// `mask` as `allowed[id]` for the model's `vocab` ids; `None` when only the end is allowed.
+fn allowed_tokens(mask: &SimpleVob, vocab: usize) -> Result<Option<Vec<bool>>> {
+    let allowed: Vec<bool> = (0..vocab as TokenId)
+        .map(|id| mask.is_allowed(id))
+        .collect();
+    let mut others = allowed
+        .iter()
+        .enumerate()
+        .filter(|&(id, &ok)| ok && id as TokenId != END_OF_TEXT);
+    match (others.next(), allowed.get(END_OF_TEXT as usize)) {
+        (Some(_), _) => Ok(Some(allowed)),
+        (None, Some(true)) => Ok(None),
+        (None, _) => Err(constraint_error("it allows no token, not even the end")),
     }
 }
 

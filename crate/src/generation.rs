@@ -145,6 +145,8 @@ pub struct Session {
     text: String,
     emitted: usize,
     finished: Option<StopReason>,
+    /// The text ends where a stop string began.
+    cut_at_stop_string: bool,
     ignore_end_of_text: bool,
     constraint: Option<Constraint>,
 }
@@ -163,24 +165,7 @@ impl Session {
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<Self> {
-        params.validate()?;
-        let context = model.config().max_position_embeddings;
-        if prompt.is_empty() {
-            return Err(Error::option("prompt", "is empty: give at least one token"));
-        }
-        if prompt.len() > context {
-            return Err(Error::PromptTooLong {
-                prompt_tokens: prompt.len(),
-                context,
-            });
-        }
-        let vocab = model.config().vocab_size;
-        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::option(
-                "prompt",
-                format!("token id {bad} is outside the vocabulary of {vocab}"),
-            ));
-        }
+        Session::check(model, &prompt, &params)?;
         let cache = match previous {
             Some(previous) => {
                 let mut cache = previous.cache;
@@ -206,24 +191,52 @@ impl Session {
             text: String::new(),
             emitted: 0,
             finished: None,
+            cut_at_stop_string: false,
             ignore_end_of_text: false,
             constraint: None,
         })
     }
 
-    /// [`Session::resume`], constrained as `params.response_format` says (its constraint
-    /// made from `grammars`, for `tokenizer` and the model's vocabulary).
+    /// What [`Session::resume`] refuses: bad settings, an empty prompt or one too long for the
+    /// context, ids outside the vocabulary.
+    fn check(model: &Phi, prompt: &[u32], params: &SamplingParams) -> Result<()> {
+        params.validate()?;
+        let context = model.config().max_position_embeddings;
+        if prompt.is_empty() {
+            return Err(Error::option("prompt", "is empty: give at least one token"));
+        }
+        if prompt.len() > context {
+            return Err(Error::PromptTooLong {
+                prompt_tokens: prompt.len(),
+                context,
+            });
+        }
+        let vocab = model.config().vocab_size;
+        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::option(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Session::resume`] of the session in `previous`, constrained as
+    /// `params.response_format` says (its constraint made from `grammars`, for `tokenizer` and
+    /// the model's vocabulary). `previous` is taken only once everything is checked: a refused
+    /// start keeps it, and its cache, for the next.
     pub fn start(
         model: &Phi,
         tokenizer: &PhiTokenizer,
         grammars: &mut LazyGrammars,
-        previous: Option<Session>,
+        previous: &mut Option<Session>,
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<Self> {
+        Session::check(model, &prompt, &params)?;
         let vocab = model.config().vocab_size;
         let constraint = grammars.constraint(params.response_format.as_ref(), tokenizer, vocab)?;
-        let mut session = Session::resume(model, previous, prompt, params)?;
+        let mut session = Session::resume(model, previous.take(), prompt, params)?;
         session.constraint = constraint;
         Ok(session)
     }
@@ -319,6 +332,12 @@ impl Session {
             .map(|(&id, &logit)| (id as u32, logit))
             .filter(|&(_, logit)| logit > MASKED / 2.0)
             .collect();
+        if candidates.is_empty() {
+            return Err(Error::Device(format!(
+                "every candidate token is masked (the largest logit is {})",
+                read[1]
+            )));
+        }
         Ok(sample_sorted(&candidates, &self.params, &mut self.rng))
     }
 
@@ -369,6 +388,7 @@ impl Session {
         self.text.push_str(&piece);
         if let Some(at) = find_stop(&self.text, &self.params.stop, self.emitted) {
             self.text.truncate(at);
+            self.cut_at_stop_string = true;
             self.finished = Some(StopReason::Stop);
         } else if matches!(self.allowed_next(vocab)?, Some(None)) {
             // Nothing but the end may follow: the output is complete.
@@ -392,7 +412,8 @@ impl Session {
 
     /// Everything not yet emitted, at the end of generation.
     fn flush(&mut self, tokenizer: &PhiTokenizer) -> Result<String> {
-        if self.finished != Some(StopReason::Stop) {
+        // What a stop string cut off stays cut, incomplete characters included.
+        if !self.cut_at_stop_string {
             let rest = self.stream.flush(tokenizer)?;
             self.text.push_str(&rest);
         }

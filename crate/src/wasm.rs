@@ -244,7 +244,7 @@ impl Phi2Model {
         options: JsValue,
     ) -> std::result::Result<JsValue, JsValue> {
         let params = sampling_params(&options).map_err(js_error)?;
-        self.start(prompt, params, None)
+        self.start(prompt, params, None, js_option_names)
     }
 
     /// Answers an OpenAI chat completion `request` (`{messages, max_tokens, temperature,
@@ -257,7 +257,8 @@ impl Phi2Model {
         let id = format!("chatcmpl-{:016x}", random_seed());
         let created = (js_sys::Date::now() / 1000.0) as u64;
         let start = ChatRun::start(&request, id, created, random_seed()).map_err(js_error)?;
-        self.start(&start.prompt, start.params, Some(start.run))
+        // OpenAI's names, as the request gives them.
+        self.start(&start.prompt, start.params, Some(start.run), |e| e)
     }
 
     /// Compiles the model's GPU pipelines before the first real prompt (compiling costs
@@ -303,9 +304,11 @@ impl Phi2Model {
                 model,
                 tokenizer,
                 session,
+                generation,
                 ..
             } = &mut *loaded;
             *session = None; // its KV cache would count in the memory figures
+            *generation += 1; // which ends the generation that had it
             let report = crate::bench::run(
                 model,
                 tokenizer,
@@ -332,26 +335,29 @@ impl Phi2Model {
 }
 
 impl Phi2Model {
-    /// The generation iterator of `prompt` (a chat's when `chat` is given).
+    /// The generation iterator of `prompt` (a chat's when `chat` is given); `name_options`
+    /// names an option in an error as its caller's API does.
     fn start(
         &self,
         prompt: &str,
         params: SamplingParams,
         chat: Option<ChatRun>,
+        name_options: fn(Error) -> Error,
     ) -> std::result::Result<JsValue, JsValue> {
         let mut loaded = borrow_loaded(&self.engine)?;
         let ids = loaded.tokenizer.encode(prompt).map_err(js_error)?;
-        let previous = loaded.session.take();
         let Loaded {
             model,
             tokenizer,
             grammars,
-            ..
+            session,
+            generation,
         } = &mut *loaded;
-        let session =
-            Session::start(model, tokenizer, grammars, previous, ids, params).map_err(js_error)?;
-        loaded.session = Some(session);
-        loaded.generation += 1;
+        // A refused start leaves the previous session (and its cache) as it was.
+        let started = Session::start(model, tokenizer, grammars, session, ids, params)
+            .map_err(|e| js_error(name_options(e)))?;
+        *session = Some(started);
+        *generation += 1;
         let generation = Generation {
             engine: self.engine.clone(),
             id: loaded.generation,
@@ -445,7 +451,7 @@ impl Generation {
             }
             let session = session
                 .as_mut()
-                .expect("the current generation has a session");
+                .ok_or_else(|| state_error("this generation has ended"))?;
             // A chat yields only tokens that add to its answer: steps go on until one does.
             loop {
                 if state.borrow().stopped {
@@ -485,7 +491,8 @@ impl Generation {
     }
 
     /// Ends the generation before its next token (a Stop button); it reports stop reason
-    /// "stop". Safe to call at any time, also while a step is running.
+    /// "cancelled" (a chat: finish reason "stop"). Safe to call at any time, also while a step
+    /// is running.
     pub fn stop(&self) {
         self.state.borrow_mut().stopped = true;
     }
@@ -644,14 +651,19 @@ fn sampling_params(options: &JsValue) -> Result<SamplingParams> {
     map.entry("seed").or_insert_with(|| random_seed().into());
     let params: SamplingParams =
         serde_json::from_value(value).map_err(|e| Error::option("options", e.to_string()))?;
-    params.validate().map_err(|e| match e {
+    params.validate().map_err(js_option_names)?;
+    Ok(params)
+}
+
+/// The error with an option named as JS names it (`response_format` → `responseFormat`).
+fn js_option_names(e: Error) -> Error {
+    match e {
         Error::InvalidOption { option, message } => Error::InvalidOption {
             option: camel_case(&option),
             message,
         },
         other => other,
-    })?;
-    Ok(params)
+    }
 }
 
 /// An option's JS name from its Rust name (`top_p` → `topP`).

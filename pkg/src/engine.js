@@ -85,8 +85,10 @@ export class Engine {
   #model;
   /** @type {import('./wasm/phi2_web.js').Generation | null} */
   #generation = null;
-  /** Settles when no generation is running. */
-  #idle = Promise.resolve();
+  /** @type {(() => void) | null} Stops the running generation, if any. */
+  #stopGeneration = null;
+  /** Settles when the model's last call has (see `#inTurn`). */
+  #turns = Promise.resolve();
   /** @type {ModelInfo} */
   info;
   /** @type {GenerationStats | undefined} */
@@ -201,41 +203,35 @@ export class Engine {
 
   /**
    * Answers an OpenAI chat completion request (see index.d.ts): yields its
-   * `chat.completion.chunk`s and returns the `chat.completion`. An aborted `signal` ends it
-   * with an AbortError, as OpenAI's client does.
+   * `chat.completion.chunk`s and returns the `chat.completion`; `signal` (or `stop()`) ends it
+   * as for `generate` (the public API turns a caller's abort into an AbortError).
    * @param {ChatCompletionRequest} request without its `signal`
    * @param {{ signal?: AbortSignal }} [options]
    * @returns {AsyncGenerator<ChatCompletionChunk, ChatCompletion, undefined>}
    */
   async *chat(request, { signal } = {}) {
-    const completion = yield* this.#stream((model) => model.chat(request), signal);
-    if (signal?.aborted) throw abortError(signal);
-    return /** @type {ChatCompletion} */ (completion);
+    return /** @type {ChatCompletion} */ (yield* this.#stream((model) => model.chat(request), signal));
   }
 
   /**
    * Runs one generation of the wasm model (`start` makes it): yields its items and returns its
-   * result; `signal` (or `stop()`) ends it before the next step. One runs at a time: a new one
-   * ends the previous (whose cache serves it).
+   * result; `signal` (or `stop()`) ends it before the next step, and no item is yielded after
+   * that (a chat's closing chunks included). One runs at a time: a new one ends the previous
+   * (whose cache serves it).
    * @param {(model: import('./wasm/phi2_web.js').Phi2Model) => any} start
    * @param {AbortSignal} [signal]
    * @returns {AsyncGenerator<any, any, undefined>}
    */
   async *#stream(start, signal) {
-    if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
     this.stop();
-    await this.#idle;
-    if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
-    const markIdle = this.#busy();
-    let generation;
-    try {
-      generation = start(this.#model);
-    } catch (error) {
-      markIdle();
-      throw modelError(error);
-    }
+    const generation = await this.#inTurn((model) => start(model));
     this.#generation = generation;
-    const stop = () => generation.stop();
+    let stopped = false;
+    const stop = () => {
+      stopped = true;
+      generation.stop();
+    };
+    this.#stopGeneration = stop;
     if (signal?.aborted) stop();
     signal?.addEventListener('abort', stop, { once: true });
     let finished = false;
@@ -243,16 +239,18 @@ export class Engine {
       for (;;) {
         let result;
         try {
-          result = await generation.next();
+          result = await this.#inTurn(() => generation.next());
         } catch (error) {
-          throw modelError(error);
+          // A newer generation took the model over (stopping this one first): it just ends.
+          if (stopped && error instanceof Phi2Error && error.name === 'StateError') return undefined;
+          throw error;
         }
         if (result.done) {
           finished = true;
           this.lastStats = generation.stats;
           return result.value;
         }
-        yield result.value;
+        if (!stopped) yield result.value;
       }
     } finally {
       signal?.removeEventListener('abort', stop);
@@ -261,17 +259,20 @@ export class Engine {
         // model is ready for the next one.
         generation.stop();
         try {
-          await generation.next();
+          await this.#inTurn(() => generation.next());
           this.lastStats = generation.stats;
         } catch {
           // superseded or unloaded: nothing to finish
         }
       }
-      if (this.#generation === generation) this.#generation = null;
+      if (this.#generation === generation) {
+        this.#generation = null;
+        this.#stopGeneration = null;
+      }
       generation.free();
-      markIdle();
     }
   }
+
 
   /**
    * Runs the benchmark `phi2 bench` runs (a synthetic prompt, greedy decoding, a device copy and
@@ -288,36 +289,41 @@ export class Engine {
       }
     }
     this.stop();
-    await this.#idle;
-    if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
-    const markIdle = this.#busy();
-    try {
-      const report = await this.#model.bench(promptTokens, genTokens, copyMb, responseFormat);
-      return { ...report, device: this.info.device }; // the same device, named (nameDevice)
-    } catch (error) {
-      throw modelError(error);
-    } finally {
-      markIdle();
-    }
+    const report = await this.#inTurn((model) => model.bench(promptTokens, genTokens, copyMb, responseFormat));
+    return { ...report, device: this.info.device }; // the same device, named (nameDevice)
   }
 
-  /** Marks the engine busy until the returned function is called. */
-  #busy() {
-    /** @type {() => void} */
-    let markIdle = () => {};
-    this.#idle = new Promise((resolve) => (markIdle = () => resolve(undefined)));
-    return markIdle;
+  /**
+   * Runs `call` with the model once every earlier call has settled: the model's async calls
+   * hold it across their awaits, so two at once would find it busy. A generation left
+   * unfinished (its consumer stopped iterating) holds nothing between its steps, so it never
+   * blocks a newer one.
+   * @template T
+   * @param {(model: import('./wasm/phi2_web.js').Phi2Model) => T | Promise<T>} call
+   * @returns {Promise<T>}
+   */
+  #inTurn(call) {
+    const run = this.#turns.then(async () => {
+      if (!this.#model) throw new Phi2Error('StateError', 'the model has been unloaded; load it again');
+      try {
+        return await call(this.#model);
+      } catch (error) {
+        throw modelError(error);
+      }
+    });
+    this.#turns = run.then(() => undefined, () => undefined);
+    return run;
   }
 
   /** Ends the running generation, if any, before its next token. */
   stop() {
-    this.#generation?.stop();
+    this.#stopGeneration?.();
   }
 
   /** Frees the model (GPU and wasm memory), after ending a running generation. */
   async unload() {
     this.stop();
-    await this.#idle;
+    await this.#turns;
     if (!this.#model) return;
     try {
       this.#model.unload();

@@ -90,7 +90,9 @@ export class Phi2 {
    * OpenAI's chat completions: `await model.chat.completions.create({ messages, stream, … })`
    * resolves to a `chat.completion`, or with `stream: true` to an async iterable of
    * `chat.completion.chunk`s. The messages become a prompt in Phi-2's formats (see the README).
-   * `signal` may be given in the request or in the options (as OpenAI's client takes it).
+   * `signal` may be given in the options (as OpenAI's client takes it) or in the request; once
+   * it aborts, no chunk follows and the call (or the stream) throws an AbortError. A bad request
+   * rejects `create` itself, streamed or not.
    */
   chat = Object.freeze({
     completions: Object.freeze({
@@ -103,14 +105,33 @@ export class Phi2 {
       throw new Phi2Error('OptionError', 'the request must be an object ({ messages, … })', { option: 'request' });
     }
     const { signal: requestSignal, ...body } = request;
+    // JSON (the request's way into the engine) would turn these into null, which means "default".
+    for (const [field, value] of Object.entries(body)) {
+      if (typeof value === 'number' && !Number.isFinite(value)) {
+        throw new Phi2Error('OptionError', `option \`${field}\`: ${value} is not a finite number`, { option: field });
+      }
+    }
     const signal = options?.signal ?? requestSignal;
     if (signal?.aborted) throw abortError(signal);
     const chunks = this.#ready().chat(body, { signal });
-    if (body.stream) return chunks;
-    for (;;) {
-      const { done, value } = await chunks.next();
-      if (done) return value;
+    let next = await chunks.next(); // a bad request fails here, before anything streams
+    if (!body.stream) {
+      while (!next.done) next = await chunks.next();
+      if (signal?.aborted) throw abortError(signal);
+      return next.value;
     }
+    return (async function* () {
+      try {
+        while (!next.done && !signal?.aborted) {
+          yield next.value;
+          next = await chunks.next();
+        }
+      } finally {
+        if (!next.done) await chunks.return(undefined);
+      }
+      if (signal?.aborted) throw abortError(signal);
+      return next.value;
+    })();
   }
 
   /** Ends the running generation before its next token. */

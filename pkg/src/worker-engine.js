@@ -2,7 +2,7 @@
 // The page's side of the engine worker (worker.js): an Engine (index.d.ts) whose calls become
 // messages of the worker protocol (protocol.d.ts).
 
-import { abortError, Phi2Error } from './errors.js';
+import { Phi2Error } from './errors.js';
 
 /**
  * @typedef {import('./index.js').Engine} Engine
@@ -140,7 +140,7 @@ export class WorkerEngine {
    */
   async *generate(prompt, options = {}) {
     const { signal, ...params } = options ?? {};
-    const stats = yield* this.#stream({ type: 'generate', prompt, options: params }, signal);
+    const stats = yield* this.#stream({ type: 'generate', prompt, options: params }, signal, true);
     return /** @type {GenerationStats} */ (stats);
   }
 
@@ -150,24 +150,26 @@ export class WorkerEngine {
    * @returns {AsyncGenerator<ChatCompletionChunk, ChatCompletion, undefined>}
    */
   async *chat(request, { signal } = {}) {
-    const completion = yield* this.#stream({ type: 'chat', request }, signal);
-    if (signal?.aborted) throw abortError(signal);
-    return /** @type {ChatCompletion} */ (completion);
+    return /** @type {ChatCompletion} */ (yield* this.#stream({ type: 'chat', request }, signal, false));
   }
 
   /**
    * A generation in the worker (`message` starts it): its items arrive as the worker makes
    * them, at most a few ahead of the consumer (worker.js TOKENS_AHEAD), who takes them at its
    * own pace. Once stopped (signal, stop() or an early exit) it yields nothing more: items
-   * already here are dropped, and the stats count only the tokens the consumer received.
+   * already here are dropped, and, where each item is a token (`itemsAreTokens`), the stats
+   * count only the tokens the consumer received. A running generation ends first.
    * @param {Unnumbered} message
-   * @param {AbortSignal} [signal]
+   * @param {AbortSignal | undefined} signal
+   * @param {boolean} itemsAreTokens
    * @returns {AsyncGenerator<any, unknown, undefined>}
    */
-  async *#stream(message, signal) {
+  async *#stream(message, signal, itemsAreTokens) {
     if (signal !== undefined && !(signal instanceof AbortSignal)) {
       throw new Phi2Error('OptionError', 'signal must be an AbortSignal', { option: 'signal' });
     }
+    // The worker runs requests in turn, and a generation waits for its consumer to pull.
+    this.stop();
     /** @type {unknown[]} */
     const arrived = [];
     /** @type {WorkerReply | null} the result or error that ended it */
@@ -197,7 +199,7 @@ export class WorkerEngine {
       if (reply.type === 'error') throw Phi2Error.fromJSON(reply.error);
       if (reply.type !== 'result') return undefined;
       const stats = reply.stats;
-      this.lastStats = stats && stopped && delivered < stats.generatedTokens
+      this.lastStats = stats && itemsAreTokens && stopped && delivered < stats.generatedTokens
         ? { ...stats, generatedTokens: delivered, stopReason: 'cancelled' }
         : stats;
       return reply.value;
@@ -244,6 +246,7 @@ export class WorkerEngine {
    * @returns {Promise<BenchReport>}
    */
   async bench(options = {}) {
+    this.stop();
     return /** @type {BenchReport} */ (await this.#call({ type: 'bench', options }));
   }
 

@@ -310,13 +310,18 @@ test('abort(), stop() and break end a generation at once, on both backends, in w
             });
             const broken = await run({ maxTokens: 40 }, (n) => n === 4);
             const after = await run({ maxTokens: 16 });
+            // A generation whose consumer just stops iterating (no break) does not hold up the
+            // next call, which ends it.
+            const abandoned = model.generate(prompt, { maxTokens: 40 });
+            await abandoned.next();
+            const next = await run({ maxTokens: 16 });
             await model.unload();
-            return { aborted, stopped, broken, after };
+            return { aborted, stopped, broken, after, next };
           }, { url: bundleUrl, prompt: PROMPT, worker, backend });
         });
         const what = `${engine}, ${backend}, worker ${worker}`;
         process.stderr.write(`[browser test] stop/abort (${what}): ${JSON.stringify(outcome)}\n`);
-        const { aborted, stopped, broken, after } = outcome;
+        const { aborted, stopped, broken, after, next } = outcome;
         for (const [name, run, received] of [['abort()', aborted, 3], ['stop()', stopped, 2], ['break', broken, 4]]) {
           assert.equal(run.ids.length, received, `${what}: ${name} after token ${received} still yielded ${JSON.stringify(run)}`);
           assert.equal(run.stats.generatedTokens, received, `${what}: ${name}: stats ${JSON.stringify(run.stats)}`);
@@ -327,6 +332,7 @@ test('abort(), stop() and break end a generation at once, on both backends, in w
           }
         }
         assert.deepEqual(after.ids, native.bundle.generated_ids, `${what}: after stops the model must generate as before`);
+        assert.deepEqual(next.ids, native.bundle.generated_ids, `${what}: after an abandoned generation`);
         assert.equal(after.stats.reusedTokens, native.bundle.prompt_ids.length - 1, `${what}: the same prompt reuses its cache`);
       }
     }

@@ -145,7 +145,8 @@ fn resumed_session_reuses_the_shared_prefix() {
 
 /// Top-k sampling picks on the device and reads back only the k candidates; it must draw the
 /// same tokens as sampling over every logit read back to the host, with the same seed. k = 40
-/// (a common setting) and 100 are past what burn-wgpu's top-k gets right (32).
+/// (a common setting) and 100 are past what burn-wgpu's top-k gets right (32): those must take
+/// the host's path (they drew other tokens when they did not).
 #[test]
 fn top_k_sampling_on_the_device_draws_what_the_host_would() {
     use rand::SeedableRng;

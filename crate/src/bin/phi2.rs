@@ -252,7 +252,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let (model, tokenizer) = load(&args.model)?;
     let prompt_ids = tokenizer.encode(&args.prompt)?;
     let mut grammars = LazyGrammars::default();
-    let mut session = Session::start(&model, &tokenizer, &mut grammars, None, prompt_ids, params)?;
+    let mut session = Session::start(
+        &model,
+        &tokenizer,
+        &mut grammars,
+        &mut None,
+        prompt_ids,
+        params,
+    )?;
     let mut stdout = std::io::stdout().lock();
     while let Some(token) = block_on(session.next(&model, &tokenizer))? {
         if !args.json {
@@ -296,7 +303,7 @@ fn chat(args: ChatArgs) -> Result<()> {
         &model,
         &tokenizer,
         &mut grammars,
-        None,
+        &mut None,
         prompt_ids,
         start.params,
     )?;

@@ -321,9 +321,15 @@ impl WeightAssembler {
     /// weight's parts were either all 4-bit and fused, or released by an f32 sibling; the
     /// biases of released ones go along, for the model to sum.)
     pub fn finish(self) -> Result<Weights> {
+        // A part waiting in `pending` arrived: what is missing is a sibling or a bias.
+        let arrived = |slot: &Slot| {
+            self.uploaded.contains_key(slot)
+                || self.biases.contains_key(slot)
+                || self.pending.contains_key(slot)
+        };
         let missing = Slot::all(&self.config)
             .into_iter()
-            .find(|slot| !self.uploaded.contains_key(slot) && !self.biases.contains_key(slot));
+            .find(|slot| !arrived(slot));
         if let Some(slot) = missing {
             return Err(Error::MissingTensor {
                 name: slot.hf_name(),

@@ -455,10 +455,13 @@ impl<'a> Gguf<'a> {
             }
             // Every other token goes into the BPE vocab at its own id: `tokenizers` ignores the
             // id an added token is given and numbers one the vocab lacks after the vocab's
-            // count. (A string listed twice keeps its first id; the load-time check then names
-            // it.) Control and user-defined tokens are also added tokens, matched in text
+            // count. Control and user-defined tokens are also added tokens, matched in text
             // before BPE runs, as Hugging Face's are.
-            vocab.entry(token.to_string()).or_insert(json!(id));
+            if let Some(first) = vocab.insert(token.to_string(), json!(id)) {
+                return Err(fail(&format!(
+                    "token {token:?} is listed twice, as ids {first} and {id}"
+                )));
+            }
             if kind == 3 || kind == 4 {
                 let special = kind == 3;
                 added.push(
