@@ -231,6 +231,41 @@ fn invalid_or_impossible_constraints_are_option_errors_naming_them() {
         );
         assert!(err.to_string().contains(words), "{bad}: {err}");
     }
+    // A refused start leaves the previous session, and its cache, for the next one.
+    let ids = tokenizer.encode("Hello there").unwrap();
+    let plain = SamplingParams::default;
+    let mut previous = None;
+    let first = Session::start(
+        &model,
+        &tokenizer,
+        &mut grammars,
+        &mut previous,
+        ids.clone(),
+        plain(),
+    );
+    previous = Some(first.unwrap());
+    block_on(previous.as_mut().unwrap().next(&model, &tokenizer)).unwrap();
+    let refused = SamplingParams {
+        response_format: Some(format(
+            json!({"type": "grammar", "grammar": {"syntax": "lark", "definition": "start: ("}}),
+        )),
+        ..plain()
+    };
+    let mut start = |ids: Vec<u32>, params| {
+        Session::start(
+            &model,
+            &tokenizer,
+            &mut grammars,
+            &mut previous,
+            ids,
+            params,
+        )
+    };
+    assert!(start(ids.clone(), refused).is_err());
+    assert!(start(Vec::new(), plain()).is_err());
+    let again = start(ids.clone(), plain()).unwrap();
+    assert_eq!(again.reused_tokens(), ids.len() - 1);
+    assert!(previous.is_none());
 }
 
 /// One turn of a chat: the request's messages, answered; the completion and the session.
