@@ -18,6 +18,7 @@ use crate::constraint::{LazyGrammars, ResponseFormat};
 use crate::error::{Error, Result};
 use crate::generation::{SamplingParams, Session, Timings};
 use crate::kernels::{buffer, cube, describe_device, empty_output, grid, is_cpu, WORKGROUP};
+use crate::memory::device_memory_usage;
 use crate::model::Phi;
 use crate::tokenizer::PhiTokenizer;
 use crate::weights::bundle::linear_weight_bytes;
@@ -56,6 +57,10 @@ pub struct BenchReport {
     /// works under (f16 products, where enabled, may go past it). None on the CPU backend,
     /// whose matmul is host code, not a kernel.
     pub peak_gmac_per_s: Option<f64>,
+    /// Bytes the device's allocator holds after the run: the model, its full KV cache and the
+    /// largest step's activations (freed memory stays pooled for reuse). None on the CPU
+    /// backend.
+    pub device_memory_bytes: Option<u64>,
     /// `prefill_gmac_per_s` / `peak_gmac_per_s`.
     pub prefill_peak_share: Option<f64>,
     /// The largest `prefill_decode_ratio` this device allows at the measured decode speed: a
@@ -238,9 +243,9 @@ pub async fn run(
     now_ms: &dyn Fn() -> f64,
 ) -> Result<BenchReport> {
     let config = model.config();
-    let context = config.max_position_embeddings;
-    let prompt_tokens = prompt_tokens.clamp(1, context - 1);
-    let gen_tokens = gen_tokens.clamp(1, context - prompt_tokens);
+    let context = model.context_length();
+    let prompt_tokens = prompt_tokens.clamp(1, context.saturating_sub(1).max(1));
+    let gen_tokens = gen_tokens.clamp(1, context.saturating_sub(prompt_tokens).max(1));
     let prompt: Vec<u32> = (0..prompt_tokens)
         .map(|i| (i * 7919 % 50000) as u32)
         .collect();
@@ -299,6 +304,7 @@ pub async fn run(
         (stats.decode_tokens_per_s > 0.0).then(|| tokens_per_s / stats.decode_tokens_per_s)
     };
     Ok(BenchReport {
+        device_memory_bytes: device_memory_usage(model.device()).map(|u| u.bytes_reserved),
         device: describe_device(model.device(), model.kernel_plan()),
         prompt_tokens: stats.prompt_tokens,
         generated_tokens: stats.generated_tokens,

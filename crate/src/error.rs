@@ -39,7 +39,7 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
-    #[error("prompt has {prompt_tokens} tokens; the model's context (max_position_embeddings) is {context}")]
+    #[error("prompt has {prompt_tokens} tokens; the model's context is {context} tokens")]
     PromptTooLong {
         prompt_tokens: usize,
         context: usize,
@@ -47,15 +47,6 @@ pub enum Error {
 
     #[error("option `{option}`: {message}")]
     InvalidOption { option: String, message: String },
-
-    #[error(
-        "tensor `{tensor}` needs a {bytes}-byte buffer; this device allows at most {limit} bytes"
-    )]
-    BufferLimit {
-        tensor: String,
-        bytes: u64,
-        limit: u64,
-    },
 
     #[error("device: {0}")]
     Device(String),
@@ -100,7 +91,7 @@ impl Error {
             | Error::UnexpectedTensor { .. }
             | Error::Tokenizer(_) => "FormatError",
             Error::PromptTooLong { .. } | Error::InvalidOption { .. } => "OptionError",
-            Error::Device(_) | Error::BufferLimit { .. } => "DeviceError",
+            Error::Device(_) => "DeviceError",
             Error::State(_) => "StateError",
         }
     }
@@ -120,7 +111,6 @@ impl Error {
                 vec![("tensor", name.clone()), ("file", file.clone())]
             }
             Error::MissingTensor { name } => vec![("tensor", name.clone())],
-            Error::BufferLimit { tensor, .. } => vec![("tensor", tensor.clone())],
             Error::PromptTooLong { .. } => vec![("option", "prompt".into())],
             Error::InvalidOption { option, .. } => vec![("option", option.clone())],
             Error::Tokenizer(_) | Error::Device(_) | Error::State(_) => Vec::new(),

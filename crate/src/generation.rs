@@ -201,7 +201,7 @@ impl Session {
     /// context, ids outside the vocabulary.
     fn check(model: &Phi, prompt: &[u32], params: &SamplingParams) -> Result<()> {
         params.validate()?;
-        let context = model.config().max_position_embeddings;
+        let context = model.context_length();
         if prompt.is_empty() {
             return Err(Error::option("prompt", "is empty: give at least one token"));
         }

@@ -3,8 +3,9 @@
 //! One module per concern: [`config`], [`model`] (Phi, named as transformers names it),
 //! [`kernels`] (the GPU kernels by family, with their CPU paths), [`quant`] (the 4-bit
 //! layout), [`weights`] (checkpoint formats and assembling them on the device), [`loading`]
-//! (a model directory from disk or a URL), [`tokenizer`], [`generation`] (sampling and the step
-//! API), [`bench`](mod@bench), [`backend`], and the wasm bindings in `wasm`.
+//! (a model directory from disk or a URL), [`memory`] (what a model needs of the device),
+//! [`tokenizer`], [`generation`] (sampling and the step API), [`bench`](mod@bench),
+//! [`backend`], and the wasm bindings in `wasm`.
 
 pub mod backend;
 pub mod bench;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod generation;
 pub mod kernels;
 pub mod loading;
+pub mod memory;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;

@@ -78,23 +78,6 @@ impl BundleLoader {
         self.stream.manifest()
     }
 
-    /// Fails, naming the tensor, if one is larger than the device's largest buffer.
-    pub fn check_buffer_limit(&self, max_buffer_bytes: u64) -> Result<()> {
-        match self
-            .manifest()
-            .tensors
-            .iter()
-            .find(|t| t.size > max_buffer_bytes)
-        {
-            Some(entry) => Err(Error::BufferLimit {
-                tensor: entry.name.clone(),
-                bytes: entry.size,
-                limit: max_buffer_bytes,
-            }),
-            None => Ok(()),
-        }
-    }
-
     /// Verifies chunk `index` (`digest`: see [`bundle::verify_chunk`]) and uploads the tensors
     /// it completes; `location` names it.
     pub fn push(

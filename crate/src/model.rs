@@ -16,9 +16,10 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::PhiConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::attention::LayerCache;
 use crate::kernels::{Epilogue, KernelOptions, KernelPlan};
+use crate::memory::PREFILL_CHUNK;
 use crate::weights::assembler::{mlp_width, FusedLinear, Matrix, Weights};
 use crate::weights::names::{LayerParam, Slot};
 
@@ -223,6 +224,8 @@ pub struct Phi {
     final_layernorm: LayerNorm,
     lm_head: Linear,
     rotary_emb: RotaryEmbedding,
+    /// Tokens a cache holds at most: the model's context, or less ([`Phi::limit_context`]).
+    context_length: usize,
 }
 
 impl Phi {
@@ -273,6 +276,7 @@ impl Phi {
                 bias: weights.take(Slot::LmHeadBias),
             },
             rotary_emb: RotaryEmbedding::new(&config, device),
+            context_length: config.max_position_embeddings,
             plan,
             config,
             device: device.clone(),
@@ -292,7 +296,19 @@ impl Phi {
         self.plan
     }
 
-    /// A cache for up to the whole context (`max_position_embeddings` tokens), with memory for
+    /// Tokens the model attends to: prompt and generated text together.
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Caps the context at `tokens` (at most `max_position_embeddings`), and with it what a
+    /// full KV cache takes: a device with little memory can run a shorter context.
+    pub fn limit_context(&mut self, tokens: usize) -> Result<()> {
+        self.context_length = checked_context(&self.config, tokens)?;
+        Ok(())
+    }
+
+    /// A cache for up to the whole context ([`Phi::context_length`] tokens), with memory for
     /// [`FIRST_ALLOCATION`] of them to start with, in f32 or, where the plan says, f16.
     pub fn new_cache(&self) -> KvCache {
         self.cache_for(self.config.num_hidden_layers)
@@ -302,7 +318,7 @@ impl Phi {
     fn cache_for(&self, layers: usize) -> KvCache {
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.head_dim();
-        let capacity = self.config.max_position_embeddings;
+        let capacity = self.context_length;
         let allocated = FIRST_ALLOCATION.min(capacity);
         let dtype = self.plan.kv_cache_dtype();
         let empty = || Tensor::<3>::zeros([heads, allocated, head_dim], (&self.device, dtype));
@@ -321,9 +337,23 @@ impl Phi {
     }
 
     /// Runs `tokens` after what the cache holds and returns the logits of the last one,
-    /// `[1, vocab_size]`. Callers check that the tokens fit in the cache.
+    /// `[1, vocab_size]`, in steps of at most [`PREFILL_CHUNK`] tokens (which bounds a step's
+    /// activations). Callers check that the tokens fit in the cache.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Tensor<2> {
-        self.forward_through(self.layers.len(), tokens, cache)
+        self.forward_in_steps(tokens, PREFILL_CHUNK, cache)
+    }
+
+    /// [`Phi::forward`] in steps of at most `step` tokens.
+    pub fn forward_in_steps(&self, tokens: &[u32], step: usize, cache: &mut KvCache) -> Tensor<2> {
+        let mut steps = tokens.chunks(step.max(1)).peekable();
+        loop {
+            let chunk = steps.next().expect("forward: no tokens");
+            // An earlier step's logits are dropped unread: only its keys and values matter.
+            let logits = self.forward_through(self.layers.len(), chunk, cache);
+            if steps.peek().is_none() {
+                return logits;
+            }
+        }
     }
 
     /// Compiles the model's kernels for a prompt and a decoded token (the package's warm-up
@@ -388,4 +418,17 @@ impl Phi {
         let normed = self.final_layernorm.forward(last, plan);
         self.lm_head.forward(normed, Epilogue::default(), plan)
     }
+}
+
+/// `tokens` as a context length for a model of `config`: at least one token, at most its
+/// `max_position_embeddings`.
+pub fn checked_context(config: &PhiConfig, tokens: usize) -> Result<usize> {
+    let max = config.max_position_embeddings;
+    if tokens == 0 || tokens > max {
+        return Err(Error::option(
+            "context_length",
+            format!("{tokens} is not between 1 and the model's {max} tokens"),
+        ));
+    }
+    Ok(tokens)
 }

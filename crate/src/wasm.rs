@@ -26,6 +26,8 @@ use crate::error::{Error, Result};
 use crate::generation::{GenerationStats, Timings};
 use crate::kernels::{describe_device, KernelOptions};
 use crate::loading::{load_model, BundleLoader, FileSource};
+use crate::memory::memory_needs;
+use crate::model::checked_context;
 use crate::weights::bundle::parse_manifest;
 use crate::{BackendKind, Phi, PhiTokenizer, SamplingParams, Session};
 
@@ -220,10 +222,7 @@ impl Phi2Model {
     /// Tokens the model can attend to: prompt and generated text together.
     #[wasm_bindgen(getter, js_name = contextLength)]
     pub fn context_length(&self) -> std::result::Result<usize, JsValue> {
-        Ok(borrow_loaded(&self.engine)?
-            .model
-            .config()
-            .max_position_embeddings)
+        Ok(borrow_loaded(&self.engine)?.model.context_length())
     }
 
     pub fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, JsValue> {
@@ -524,12 +523,14 @@ pub struct BundleLoading {
     loader: BundleLoader,
     tokenizer: Option<PhiTokenizer>,
     backend: BackendKind,
+    context_length: Option<usize>,
 }
 
 #[wasm_bindgen]
 impl BundleLoading {
-    /// Checks the manifest (`manifest_url` names it in errors) and acquires the device.
-    /// `f16`, `kernels` and `subgroups`: as [`Phi2Model::load`] takes them.
+    /// Checks the manifest (`manifest_url` names it in errors) and `context_length` (tokens,
+    /// default the model's) against it, and acquires the device. `f16`, `kernels` and
+    /// `subgroups`: as [`Phi2Model::load`] takes them.
     pub async fn start(
         manifest: Vec<u8>,
         manifest_url: String,
@@ -537,10 +538,14 @@ impl BundleLoading {
         f16: Option<bool>,
         kernels: Option<String>,
         subgroups: Option<bool>,
+        context_length: Option<usize>,
     ) -> std::result::Result<BundleLoading, JsValue> {
         console_error_panic_hook::set_once();
         let options = kernel_options(kernels, f16).map_err(js_error)?;
         let manifest = parse_manifest(&manifest, &manifest_url).map_err(js_error)?;
+        if let Some(tokens) = context_length {
+            checked_context(&manifest.config, tokens).map_err(|e| js_error(js_option_names(e)))?;
+        }
         let backend = parse_backend(backend).map_err(js_error)?;
         let device = backend
             .device(subgroups.unwrap_or(false))
@@ -550,6 +555,7 @@ impl BundleLoading {
             loader: BundleLoader::new(manifest, &device, options).map_err(js_error)?,
             tokenizer: None,
             backend,
+            context_length,
         })
     }
 
@@ -581,14 +587,6 @@ impl BundleLoading {
             .collect()
     }
 
-    /// Fails with a `DeviceError` naming the tensor if one is larger than the device allows.
-    #[wasm_bindgen(js_name = checkBufferLimit)]
-    pub fn check_buffer_limit(&self, max_buffer_bytes: f64) -> std::result::Result<(), JsValue> {
-        self.loader
-            .check_buffer_limit(max_buffer_bytes as u64)
-            .map_err(js_error)
-    }
-
     #[wasm_bindgen(js_name = setTokenizer)]
     pub fn set_tokenizer(&mut self, bytes: &[u8]) -> std::result::Result<(), JsValue> {
         let file = self.loader.manifest().tokenizer.clone();
@@ -616,9 +614,32 @@ impl BundleLoading {
         let tokenizer = self
             .tokenizer
             .ok_or_else(|| state_error("the tokenizer was not given (setTokenizer)"))?;
-        let model = self.loader.finish().map_err(js_error)?;
+        let mut model = self.loader.finish().map_err(js_error)?;
+        if let Some(tokens) = self.context_length {
+            model.limit_context(tokens).map_err(js_error)?;
+        }
         Ok(Phi2Model::new(model, tokenizer, self.backend))
     }
+}
+
+/// What the bundle described by `manifest` (`manifest_url` names it in errors) needs of the
+/// device's memory with a context of `context_length` tokens (default: the model's), its KV
+/// cache in f16 or f32 ([`memory_needs`]), before anything else is fetched.
+#[wasm_bindgen(js_name = memoryNeeds)]
+pub fn bundle_memory_needs(
+    manifest: &[u8],
+    manifest_url: &str,
+    context_length: Option<usize>,
+    kv_cache_f16: bool,
+) -> std::result::Result<JsValue, JsValue> {
+    let manifest = parse_manifest(manifest, manifest_url).map_err(js_error)?;
+    let context = match context_length {
+        Some(tokens) => {
+            checked_context(&manifest.config, tokens).map_err(|e| js_error(js_option_names(e)))?
+        }
+        None => manifest.config.max_position_embeddings,
+    };
+    Ok(to_js(&memory_needs(&manifest, context, kv_cache_f16)))
 }
 
 /// A plain JS value (`what` names it in errors) as JSON.

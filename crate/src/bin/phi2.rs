@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use burn::tensor::DType;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
@@ -13,6 +14,8 @@ use phi2_web::chat::ChatRun;
 use phi2_web::constraint::{LazyGrammars, ResponseFormat};
 use phi2_web::kernels::{KernelChoice, KernelOptions};
 use phi2_web::loading::load_dir;
+use phi2_web::memory::MemoryNeeds;
+use phi2_web::weights::bundle::{parse_manifest, MANIFEST};
 use phi2_web::weights::convert::{convert_gguf, convert_hf, synthesize, Summary};
 use phi2_web::{
     block_on, BackendKind, Error, PhiConfig, PhiTokenizer, Result, SamplingParams, Session, Timings,
@@ -143,6 +146,10 @@ struct ModelArgs {
     /// subgroups), or subgroups (also on a software adapter; needs the subgroups feature).
     #[arg(long, default_value = "auto")]
     kernels: KernelChoice,
+    /// Tokens of context (prompt and output together), at most the model's: a shorter
+    /// context needs a smaller KV cache.
+    #[arg(long)]
+    context: Option<usize>,
 }
 
 #[derive(Args)]
@@ -226,7 +233,26 @@ fn load(args: &ModelArgs) -> Result<(phi2_web::Phi, PhiTokenizer)> {
         kernels: args.kernels,
         f16: args.f16,
     };
-    load_dir(&args.model, &device, options)
+    let (mut model, tokenizer) = load_dir(&args.model, &device, options)?;
+    if let Some(tokens) = args.context {
+        model.limit_context(tokens)?;
+    }
+    Ok((model, tokenizer))
+}
+
+/// What a bundle's model needs of the device as loaded (`None` for a checkpoint directory).
+fn memory_needs(dir: &Path, model: &phi2_web::Phi) -> Result<Option<MemoryNeeds>> {
+    let path = dir.join(MANIFEST);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let manifest = parse_manifest(&read(&path)?, &path.display().to_string())?;
+    let kv_cache_f16 = model.kernel_plan().kv_cache_dtype() == DType::F16;
+    Ok(Some(phi2_web::memory::memory_needs(
+        &manifest,
+        model.context_length(),
+        kv_cache_f16,
+    )))
 }
 
 /// Nanoseconds since the Unix epoch: a seed, or an id, where none is given.
@@ -488,6 +514,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         "loadS": load_s,
         "loadPeakRssBytes": load_peak_rss,
         "peakRssBytes": peak_rss(),
+        "memoryNeeds": memory_needs(&args.model.model, &model)?,
     });
     report
         .as_object_mut()
