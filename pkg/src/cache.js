@@ -53,6 +53,32 @@ export async function isCached(url) {
   return true;
 }
 
+/**
+ * Every bundle in the cache (complete or not), with the bytes its files take there.
+ * @returns {Promise<Array<{ url: string, bytes: number, complete: boolean }>>}
+ */
+export async function cachedBundles() {
+  const cache = await openCache();
+  if (!cache) return [];
+  const urls = (await cache.keys()).map((request) => request.url);
+  const present = new Set(urls);
+  const bundles = [];
+  for (const url of urls.filter((u) => new URL(u).pathname.endsWith('.json'))) {
+    const manifest = await cachedManifest(cache, url);
+    if (manifest?.format !== 'phi2-web-bundle' || !Array.isArray(manifest.chunks)) continue;
+    const [, tokenizer, ...chunks] = bundleFiles(url, manifest);
+    const sizeOf = async (file) => (await (await cache.match(file))?.blob())?.size ?? 0;
+    let bytes = (await sizeOf(url)) + (present.has(tokenizer) ? await sizeOf(tokenizer) : 0);
+    let complete = present.has(tokenizer);
+    chunks.forEach((file, index) => {
+      if (present.has(file)) bytes += manifest.chunks[index].size;
+      else complete = false;
+    });
+    bundles.push({ url, bytes, complete });
+  }
+  return bundles;
+}
+
 /** Removes the bundle's files from the cache; true if there was anything to remove. */
 export async function deleteCache(url) {
   const cache = await openCache();

@@ -3,12 +3,16 @@
 // generations. The same code runs inside the package's Web Worker (worker.js) and, with
 // `worker: false`, on the calling thread.
 
-import initWasm, { BundleLoading } from './wasm/phi2_web.js';
+import { BundleLoading } from './wasm/phi2_web.js';
 import { manifestUrl, openCache } from './cache.js';
 import { abortError, Phi2Error } from './errors.js';
-import { DEFAULT_CONCURRENCY, fetchBundle, fetchManifest, STALL_MS } from './loader.js';
 import {
-  deviceLost, gpuAdapter, maxBufferBytes, nameDevice, resolveKernels, watchDevices,
+  DEFAULT_CONCURRENCY, fetchBundle, fetchManifest, STALL_MS, withBundleLock,
+} from './loader.js';
+import { requirements, shortfall } from './requirements.js';
+import { startWasm, wasmMemoryBytes } from './wasm-module.js';
+import {
+  chooseBackend, deviceLost, nameDevice, resolveKernels,
 } from './webgpu.js';
 
 /**
@@ -24,30 +28,12 @@ import {
  * @typedef {import('./index.js').ChatCompletion} ChatCompletion
  * @typedef {import('./index.js').ChatCompletionChunk} ChatCompletionChunk
  * @typedef {import('./index.js').Engine} EngineInterface
- * @typedef {any} GPUAdapter WebGPU's adapter (TypeScript's DOM library has no WebGPU types)
+ * @typedef {import('./index.js').Requirements} Requirements
+ * @typedef {Omit<LoadOptions, 'worker' | 'workerUrl' | 'shared' | 'whenBusy' | 'persist'>} EngineLoadOptions
  */
 
 /** The `kernels` option's values (see the package README). */
 const KERNELS = ['auto', 'portable', 'subgroups'];
-
-/** @type {Promise<void> | null} */
-let wasmReady = null;
-/** @type {WebAssembly.Memory | null} */
-let wasmMemory = null;
-
-/** @param {string | URL | undefined} wasmUrl */
-function startWasm(wasmUrl) {
-  watchDevices();
-  wasmReady ??= initWasm({ module_or_path: wasmUrl ?? new URL('./wasm/phi2_web_bg.wasm', import.meta.url) })
-    .then((exports) => {
-      wasmMemory = exports.memory;
-    })
-    .catch((error) => {
-      wasmReady = null;
-      throw new Phi2Error('LoadError', `the engine's wasm module could not be loaded: ${error?.message ?? error}`);
-    });
-  return wasmReady;
-}
 
 /**
  * The error to report for a failure of the model. Once the GPU device is lost, every later
@@ -66,17 +52,46 @@ function modelError(error) {
 }
 
 /**
- * @param {'auto' | Backend} requested
- * @returns {Promise<{ backend: Backend, adapter: GPUAdapter | null }>}
+ * Load options with their defaults, checked.
+ * @param {EngineLoadOptions} options
  */
-async function chooseBackend(requested) {
-  if (requested === 'cpu') return { backend: 'cpu', adapter: null };
-  const adapter = await gpuAdapter();
-  if (adapter) return { backend: 'webgpu', adapter };
-  if (requested === 'webgpu') {
-    throw new Phi2Error('UnsupportedError', 'this browser offers no WebGPU adapter; use backend "auto" or "cpu"');
+function loadSettings(options) {
+  const {
+    onProgress = () => {}, signal, cache = true, backend = 'auto', concurrency = DEFAULT_CONCURRENCY,
+    wasmUrl, stallTimeoutMs: stallMs = STALL_MS, f16 = false, kernels = 'auto', contextLength,
+  } = options ?? {};
+  if (!['auto', 'webgpu', 'cpu'].includes(backend)) {
+    throw new Phi2Error('OptionError', `backend "${backend}" is not one of auto, webgpu, cpu`, { option: 'backend' });
   }
-  return { backend: 'cpu', adapter: null };
+  if (!(Number.isInteger(concurrency) && concurrency >= 1 && concurrency <= 16)) {
+    throw new Phi2Error('OptionError', `concurrency ${concurrency} is not an integer in 1..16`, { option: 'concurrency' });
+  }
+  if (!(Number.isFinite(stallMs) && stallMs > 0)) {
+    throw new Phi2Error('OptionError', `stallTimeoutMs ${stallMs} is not a positive number of milliseconds`, { option: 'stallTimeoutMs' });
+  }
+  if (!KERNELS.includes(kernels)) {
+    throw new Phi2Error('OptionError', `kernels "${kernels}" is not one of ${KERNELS.join(', ')}`, { option: 'kernels' });
+  }
+  if (contextLength !== undefined && !(Number.isInteger(contextLength) && contextLength >= 1)) {
+    throw new Phi2Error('OptionError', `contextLength ${contextLength} is not a positive integer`, { option: 'contextLength' });
+  }
+  signal?.throwIfAborted();
+  return { onProgress, signal, cache, backend, concurrency, wasmUrl, stallMs, f16: Boolean(f16), kernels, contextLength };
+}
+
+/**
+ * What a load and `requirements` both need first: the wasm module, the backend and its
+ * adapter, the kernels, the cache and the manifest's URL.
+ * @param {string} url
+ * @param {ReturnType<typeof loadSettings>} settings
+ */
+async function prepare(url, settings) {
+  await startWasm(settings.wasmUrl);
+  const chosen = await chooseBackend(settings.backend);
+  if (chosen.backend === 'webgpu' && deviceLost()) throw modelError();
+  const kernels = resolveKernels(settings.kernels, chosen.adapter);
+  const cache = settings.cache ? await openCache() : null;
+  return { chosen, kernels, cache, href: manifestUrl(url) };
 }
 
 /** @implements {EngineInterface} */
@@ -105,60 +120,45 @@ export class Engine {
 
   /**
    * Loads the bundle at `url` (its manifest URL, absolute) with the package's load options
-   * (see index.d.ts; `worker` and `workerUrl` are the caller's business).
+   * (see index.d.ts; `worker`, `shared`, `whenBusy`, `persist` and `workerUrl` are the
+   * caller's business). Checks the bundle's requirements before any chunk is fetched; a
+   * shortfall is the first reason's error (QuotaError, DeviceError, OutOfMemoryError).
    * @param {string} url
-   * @param {Omit<LoadOptions, 'worker' | 'workerUrl'>} options
+   * @param {EngineLoadOptions} options
    */
   static async load(url, options = {}) {
-    const {
-      onProgress = () => {}, signal: callerSignal, cache: useCache = true, backend = 'auto',
-      concurrency = DEFAULT_CONCURRENCY, wasmUrl, stallTimeoutMs: stallMs = STALL_MS, f16 = false,
-      kernels = 'auto',
-    } = options;
+    const settings = loadSettings(options);
+    const { onProgress, signal: callerSignal, concurrency, stallMs } = settings;
     // Ends the downloads still running when the load fails (or the caller aborts it).
     const stopDownloads = new AbortController();
     const signal = callerSignal ? AbortSignal.any([callerSignal, stopDownloads.signal]) : stopDownloads.signal;
-    if (!['auto', 'webgpu', 'cpu'].includes(backend)) {
-      throw new Phi2Error('OptionError', `backend "${backend}" is not one of auto, webgpu, cpu`, { option: 'backend' });
-    }
-    if (!(Number.isInteger(concurrency) && concurrency >= 1 && concurrency <= 16)) {
-      throw new Phi2Error('OptionError', `concurrency ${concurrency} is not an integer in 1..16`, { option: 'concurrency' });
-    }
-    if (!(Number.isFinite(stallMs) && stallMs > 0)) {
-      throw new Phi2Error('OptionError', `stallTimeoutMs ${stallMs} is not a positive number of milliseconds`, { option: 'stallTimeoutMs' });
-    }
-    if (!KERNELS.includes(kernels)) {
-      throw new Phi2Error('OptionError', `kernels "${kernels}" is not one of ${KERNELS.join(', ')}`, { option: 'kernels' });
-    }
-    callerSignal?.throwIfAborted();
     const started = performance.now();
-    await startWasm(wasmUrl);
-    const chosen = await chooseBackend(backend);
-    if (chosen.backend === 'webgpu' && deviceLost()) throw modelError();
-    const resolvedKernels = resolveKernels(kernels, chosen.adapter);
-    const cache = useCache ? await openCache() : null;
+    const { chosen, kernels, cache, href } = await prepare(url, settings);
     const warnings = new Set();
-    const href = manifestUrl(url);
-
-    const manifestFile = await fetchManifest(cache, href, signal, stallMs);
+    /** @type {import('./wasm/phi2_web.js').BundleLoading | undefined} Freed if the load fails. */
     let loading;
     try {
-      // The engine checks the manifest before anything else is fetched.
-      // The device has subgroups wherever the adapter offers them (watchDevices asks).
-      loading = await BundleLoading.start(
-        manifestFile.bytes, href, chosen.backend, Boolean(f16), resolvedKernels,
-        Boolean(chosen.adapter?.features.has('subgroups')),
-      );
-    } catch (error) {
-      throw Phi2Error.from(error);
-    }
-    try {
-      if (chosen.adapter) loading.checkBufferLimit(maxBufferBytes(chosen.adapter));
-      const { totalBytes, peakBufferedBytes } = await fetchBundle(loading, href, manifestFile, {
-        cache, signal, stallMs, concurrency, onProgress, warnings,
+      // One tab downloads at a time; a second one finds the chunks in the cache.
+      const wait = () => onProgress({ phase: 'wait', loadedBytes: 0, totalBytes: 0, chunk: 0, chunks: 0 });
+      const fetched = await withBundleLock(href, cache, signal, wait, async () => {
+        const manifestFile = await fetchManifest(cache, href, signal, stallMs);
+        const needs = await requirements(href, manifestFile, { cache, ...chosen, f16: settings.f16, contextLength: settings.contextLength });
+        const missing = shortfall(needs);
+        if (missing) throw missing;
+        for (const warning of needs.warnings) warnings.add(warning);
+        // The device has subgroups wherever the adapter offers them (watchDevices asks).
+        loading = await BundleLoading.start(
+          manifestFile.bytes, href, chosen.backend, settings.f16, kernels,
+          Boolean(chosen.adapter?.features.has('subgroups')), settings.contextLength,
+        );
+        const got = await fetchBundle(loading, href, manifestFile, { cache, signal, stallMs, concurrency, onProgress, warnings });
+        return { ...got, needs };
       });
-      const chunks = loading.chunkFiles.length;
-      const model = loading.finish(); // consumes `loading`
+      const { totalBytes, peakBufferedBytes, needs } = fetched;
+      const ready = /** @type {import('./wasm/phi2_web.js').BundleLoading} */ (loading);
+      loading = undefined;
+      const chunks = ready.chunkFiles.length;
+      const model = ready.finish(); // consumes it
       const compiling = () => onProgress({ phase: 'compile', loadedBytes: totalBytes, totalBytes, chunk: chunks, chunks });
       compiling();
       await model.warmUp();
@@ -171,19 +171,32 @@ export class Engine {
         loadMs: performance.now() - started,
         peakBufferedBytes,
         wasmMemoryBytes: wasmMemoryBytes(),
+        requirements: needs,
+        persisted: needs.storage?.persisted ?? false,
+        shared: false,
         warnings: [...warnings],
       });
     } catch (error) {
-      try {
-        loading.free();
-      } catch {
-        // already consumed by finish()
-      }
+      loading?.free();
       if (callerSignal?.aborted) throw abortError(callerSignal);
       throw modelError(error);
     } finally {
       stopDownloads.abort(new Phi2Error('AbortError', 'the load ended'));
     }
+  }
+
+  /**
+   * What loading the bundle at `url` (its manifest URL, absolute) with `options` needs, and
+   * whether it fits here (index.d.ts `Requirements`); fetches only the manifest.
+   * @param {string} url
+   * @param {EngineLoadOptions} options
+   * @returns {Promise<Requirements>}
+   */
+  static async requirements(url, options = {}) {
+    const settings = loadSettings(options);
+    const { chosen, cache, href } = await prepare(url, settings);
+    const manifestFile = await fetchManifest(cache, href, settings.signal, settings.stallMs);
+    return requirements(href, manifestFile, { cache, ...chosen, f16: settings.f16, contextLength: settings.contextLength });
   }
 
   /**
@@ -333,9 +346,4 @@ export class Engine {
     this.#model.free();
     this.#model = null;
   }
-}
-
-/** The wasm module's linear memory (it never shrinks, so this is also its peak). */
-function wasmMemoryBytes() {
-  return wasmMemory?.buffer.byteLength ?? 0;
 }

@@ -9,6 +9,7 @@ export const ERROR_NAMES = Object.freeze([
   'FormatError', // not a phi2-web bundle, or a malformed one
   'OptionError', // an option or prompt out of range
   'DeviceError', // the GPU failed, or the bundle exceeds its limits
+  'QuotaError', // the site's storage quota has no room for the bundle (load with cache: false)
   'UnsupportedError', // no WebGPU where it was required, no Worker/Cache where asked for
   'StateError', // called in the wrong state: before load, after unload, while busy
   'AbortError', // the caller's AbortSignal fired

@@ -8,6 +8,7 @@ export type Phi2ErrorName =
   | 'FormatError'
   | 'OptionError'
   | 'DeviceError'
+  | 'QuotaError'
   | 'UnsupportedError'
   | 'StateError'
   | 'AbortError'
@@ -33,12 +34,19 @@ export interface Phi2ErrorDetails {
   field?: string;
   option?: string;
   status?: number;
+  /** A shortfall's figures (QuotaError, DeviceError, OutOfMemoryError from the requirements):
+   * the bytes needed, and the adapter's `limit` or the storage `available` of its `quota`. */
+  bytes?: number;
+  limit?: number;
+  available?: number;
+  quota?: number;
 }
 
 export interface LoadProgress {
-  /** Where the latest bytes came from or went: 'download' and 'cache' while chunks arrive,
-   * 'upload' as each chunk is verified and placed on the device, 'compile' at the end. */
-  phase: 'download' | 'cache' | 'upload' | 'compile';
+  /** Where the latest bytes came from or went: 'wait' while another tab downloads the same
+   * bundle (this load then takes it from the cache), 'download' and 'cache' while chunks
+   * arrive, 'upload' as each chunk is verified and placed on the device, 'compile' at the end. */
+  phase: 'wait' | 'download' | 'cache' | 'upload' | 'compile';
   /** Bytes of chunks received so far (never decreases; reaches `totalBytes`). */
   loadedBytes: number;
   totalBytes: number;
@@ -54,6 +62,24 @@ export interface LoadOptions {
   cache?: boolean;
   /** Run the engine in a module Web Worker (default true). */
   worker?: boolean;
+  /**
+   * One engine for all of the origin's tabs (default false): the engine runs in a SharedWorker,
+   * and a tab that loads the same bundle with the same options attaches to the model another
+   * tab loaded (or is loading) instead of loading its own; the last tab to unload it (or to
+   * close) frees it. Where there is no SharedWorker (or it has no WebGPU), the tab runs its own
+   * engine and `info.warnings` says so. Without it, tabs still never download a chunk twice at
+   * once: a second tab waits (progress phase 'wait') and loads from the cache.
+   */
+  shared?: boolean;
+  /** With `shared`: what this tab's generation does while another tab's runs: 'queue'
+   * (default: it waits its turn) or 'cancel' (the other ends, stop reason 'cancelled'). */
+  whenBusy?: 'queue' | 'cancel';
+  /** Ask the browser to keep the cache under storage pressure (`navigator.storage.persist()`,
+   * default false); `info.persisted` has the answer. */
+  persist?: boolean;
+  /** Tokens of context, prompt and output together (default and at most the model's, 2048 for
+   * Phi-2): the KV cache, most of what the model needs beside its weights, scales with it. */
+  contextLength?: number;
   /** 'auto' (default): WebGPU when the browser has it, else the CPU (much slower). */
   backend?: 'auto' | Backend;
   /** Chunks downloaded in parallel (1-16, default 3). */
@@ -243,6 +269,8 @@ export interface BenchReport {
    * null on the CPU backend.
    */
   peakGmacPerS: number | null;
+  /** Bytes the device's allocator holds after the run (null on the CPU backend). */
+  deviceMemoryBytes: number | null;
   /** prefillGmacPerS / peakGmacPerS */
   prefillPeakShare: number | null;
   /** The largest prefillDecodeRatio the device allows at the measured decode speed (null without either). */
@@ -259,8 +287,73 @@ export interface ModelInfo {
   /** Most chunk bytes held in memory at once while loading. */
   peakBufferedBytes: number;
   wasmMemoryBytes: number;
-  /** E.g. chunks that could not be cached (storage full). */
+  /** What the load checked before it downloaded (see `Phi2.requirements`). */
+  requirements: Requirements;
+  /** Whether the browser keeps the cache under storage pressure (see the `persist` option). */
+  persisted: boolean;
+  /** Whether the engine is shared between tabs (the `shared` option, where it could be). */
+  shared: boolean;
+  /** With `shared`: whether this tab attached to a model another tab loaded or was loading. */
+  attached?: boolean;
+  /** E.g. chunks that could not be cached (storage full), f16 asked without shader-f16. */
   warnings: string[];
+}
+
+/** What loading a bundle needs, and whether this browser has it (`Phi2.requirements`). */
+export interface Requirements {
+  /** The manifest's URL. */
+  url: string;
+  backend: Backend;
+  /** The manifest and chunks (the tokenizer, a few MB, comes on top). */
+  download: { totalBytes: number; cachedBytes: number; bytesToDownload: number };
+  /** The origin's storage (`navigator.storage.estimate()`); null without a cache (`cache: false`,
+   * or no Cache Storage on an insecure page). */
+  storage: {
+    quotaBytes: number;
+    usageBytes: number;
+    availableBytes: number;
+    /** Chromium reports usage + 10 GiB whatever the real limit (a privacy measure): then a
+     * shortfall shows only when a chunk cannot be stored, and the load goes on (a warning). */
+    quotaIsFixed: boolean;
+    persisted: boolean;
+  } | null;
+  /** Device memory (on the CPU backend: wasm memory) the model needs. */
+  memory: {
+    weightsBytes: number;
+    /** Keys and values of every layer for `contextLength` tokens. */
+    kvCacheBytes: number;
+    /** The largest prompt step's activations (prompts run in steps of 256 tokens) and logits. */
+    activationsBytes: number;
+    totalBytes: number;
+    contextLength: number;
+    kvCacheDtype: 'f32' | 'f16';
+    /** The largest single buffer: the adapter's maxBufferSize and maxStorageBufferBindingSize
+     * must allow it. */
+    largestBuffer: { name: string; bytes: number };
+  };
+  /** The WebGPU adapter's limits and features (null on the CPU backend). */
+  adapter: {
+    name: string;
+    maxBufferSize: number;
+    maxStorageBufferBindingSize: number;
+    shaderF16: boolean;
+    subgroups: boolean;
+    isFallbackAdapter: boolean;
+  } | null;
+  /** Whether a load can succeed; otherwise `reasons` are the errors it would fail with. */
+  fits: boolean;
+  reasons: Array<{ name: 'QuotaError' | 'DeviceError' | 'OutOfMemoryError'; message: string; details: Phi2ErrorDetails }>;
+  /** What does not stop a load but matters (more memory than the device has, f16 without shader-f16). */
+  warnings: string[];
+}
+
+export interface CachedBundle {
+  /** The manifest's URL. */
+  url: string;
+  /** Bytes its files take in the cache (what deleting it frees). */
+  bytes: number;
+  /** Whether every file is cached (a load would fetch nothing). */
+  complete: boolean;
 }
 
 /**
@@ -286,6 +379,10 @@ export declare class Phi2 {
   /** Use Phi2.load(). */
   constructor();
   static load(url: string | URL, options?: LoadOptions): Promise<Phi2>;
+  /** What loading the bundle needs and whether it fits here; fetches only the manifest. */
+  static requirements(url: string | URL, options?: Omit<LoadOptions, 'onProgress'>): Promise<Requirements>;
+  /** The bundles in the cache, with what deleting each would free. */
+  static cachedBundles(): Promise<CachedBundle[]>;
   generate(prompt: string, options?: GenerateOptions): AsyncGenerator<GeneratedToken, GenerationStats, undefined>;
   /** OpenAI's chat completions (`model.chat.completions.create({ messages, stream })`). */
   readonly chat: { readonly completions: ChatCompletions };

@@ -1,15 +1,17 @@
 // phi2-web: Microsoft's Phi-2 in the browser. The public API.
 //
+//   const needs = await Phi2.requirements(url);          // before any download: fits, reasons
 //   const model = await Phi2.load(url, { onProgress, signal, cache: true, worker: true });
 //   for await (const { text } of model.generate(prompt, { maxTokens, temperature, signal })) …
 //   await model.unload();
 //
 // The engine (engine.js: fetching, caching, the wasm model) runs in a module Web Worker by
-// default; `worker: false` runs the same engine on the calling thread.
+// default; `shared: true` shares one such worker between the origin's tabs (SharedWorker);
+// `worker: false` runs the same engine on the calling thread.
 
 import { Engine } from './engine.js';
 import { WorkerEngine } from './worker-engine.js';
-import { deleteCache, isCached, manifestUrl } from './cache.js';
+import { cachedBundles, deleteCache, isCached, manifestUrl } from './cache.js';
 import { abortError, ERROR_NAMES, Phi2Error } from './errors.js';
 import { gpuAdapter } from './webgpu.js';
 
@@ -29,40 +31,60 @@ export class Phi2 {
 
   /**
    * Loads the phi2-web bundle at `url` (its folder or its manifest.json, relative to the page).
-   * Options: `onProgress(event)`, `signal`, `cache` (default true), `worker` (default true),
-   * `backend` ('auto' (default: WebGPU, else the CPU), 'webgpu', 'cpu'), `concurrency`
-   * (parallel chunk downloads, default 3), `stallTimeoutMs` (default 30000), `f16`
-   * (default false), `kernels` (default 'auto'), `workerUrl` and `wasmUrl` (where the package's worker.js and wasm file are
-   * served, when a bundler moved them).
+   * Options (index.d.ts `LoadOptions`): `onProgress(event)`, `signal`, `cache` (default true),
+   * `worker` (default true), `shared` (default false: one engine for the origin's tabs, in a
+   * SharedWorker), `whenBusy` ('queue' (default) or 'cancel': a generation while another tab's
+   * runs), `persist` (default false: ask that the cache survive storage pressure), `backend`
+   * ('auto' (default: WebGPU, else the CPU), 'webgpu', 'cpu'), `contextLength` (default the
+   * model's), `concurrency` (parallel chunk downloads, default 3), `stallTimeoutMs` (default
+   * 30000), `f16` (default false), `kernels` (default 'auto'), `workerUrl` and `wasmUrl` (where
+   * the package's worker.js and wasm file are served, when a bundler moved them). The bundle's
+   * requirements are checked before any chunk is fetched.
    */
   static async load(url, options = {}) {
-    const { worker = true, onProgress, signal, ...rest } = options ?? {};
-    if (typeof url !== 'string' && !(url instanceof URL)) {
-      throw new Phi2Error('OptionError', 'url must be a string or URL', { option: 'url' });
-    }
+    const {
+      worker = true, shared = false, whenBusy = 'queue', persist = false, onProgress, signal, ...rest
+    } = options ?? {};
+    const href = checkedHref(url);
     if (onProgress !== undefined && typeof onProgress !== 'function') {
       throw new Phi2Error('OptionError', 'onProgress must be a function', { option: 'onProgress' });
     }
+    if (!['queue', 'cancel'].includes(whenBusy)) {
+      throw new Phi2Error('OptionError', `whenBusy "${whenBusy}" is not one of queue, cancel`, { option: 'whenBusy' });
+    }
     if (signal?.aborted) throw abortError(signal);
-    const href = manifestUrl(url, pageBase());
-    for (const key of ['workerUrl', 'wasmUrl']) {
-      if (rest[key] !== undefined) rest[key] = new URL(rest[key], pageBase()).href;
-    }
-    if (rest.cache !== false) {
-      // Ask that the cached model survive storage pressure (granted silently or not at all;
-      // only a window can ask).
-      globalThis.navigator?.storage?.persist?.().catch(() => {});
-    }
+    resolveUrls(rest);
+    // Only a window can ask; the answer (granted silently or not at all) is in model.info.
+    if (persist && rest.cache !== false) await globalThis.navigator?.storage?.persist?.().catch(() => false);
     const useWorker = worker && typeof Worker !== 'undefined';
     if (worker && !useWorker) {
       // Asked for a worker where there is none (e.g. inside a worker already): say so.
       throw new Phi2Error('UnsupportedError', 'Web Workers are not available here; pass worker: false');
     }
     try {
+      if (useWorker && shared) return new Phi2(await loadShared(href, { onProgress, signal, whenBusy, ...rest }));
       const engine = useWorker
         ? await WorkerEngine.load(href, { onProgress, signal, ...rest })
         : await Engine.load(href, { onProgress, signal, ...rest });
       return new Phi2(engine);
+    } catch (error) {
+      throw Phi2Error.from(error);
+    }
+  }
+
+  /**
+   * What loading the bundle at `url` with these load options needs, and whether it fits here
+   * (index.d.ts `Requirements`): bytes to download and already cached, the storage quota,
+   * the device memory for the context length, the adapter's limits, `fits` and the reasons.
+   * Fetches only the manifest. Runs on the calling thread (it starts the engine's wasm
+   * module there to read the manifest).
+   */
+  static async requirements(url, options = {}) {
+    const { worker, shared, whenBusy, persist, onProgress, workerUrl, ...rest } = options ?? {};
+    const href = checkedHref(url);
+    resolveUrls(rest);
+    try {
+      return await Engine.requirements(href, rest);
     } catch (error) {
       throw Phi2Error.from(error);
     }
@@ -179,6 +201,14 @@ export class Phi2 {
     return isCached(manifestUrl(url, pageBase()));
   }
 
+  /**
+   * The bundles in the cache, each `{ url, bytes, complete }` (its manifest's URL, the bytes of
+   * its files there, whether a load would fetch nothing): what deleting one would free.
+   */
+  static cachedBundles() {
+    return cachedBundles();
+  }
+
   /** Removes the bundle at `url` from the cache; resolves to whether anything was removed. */
   static deleteCache(url) {
     return deleteCache(manifestUrl(url, pageBase()));
@@ -187,6 +217,46 @@ export class Phi2 {
   /** Whether this browser can run the model on the GPU (otherwise it runs on the CPU). */
   static async hasWebGPU() {
     return (await gpuAdapter()) !== null;
+  }
+}
+
+/** `url` as the manifest's absolute URL (relative to the page), or an OptionError. */
+function checkedHref(url) {
+  if (typeof url !== 'string' && !(url instanceof URL)) {
+    throw new Phi2Error('OptionError', 'url must be a string or URL', { option: 'url' });
+  }
+  return manifestUrl(url, pageBase());
+}
+
+/** Makes `workerUrl` and `wasmUrl` absolute (relative to the page), in place. */
+function resolveUrls(options) {
+  for (const key of ['workerUrl', 'wasmUrl']) {
+    if (options[key] !== undefined) options[key] = new URL(options[key], pageBase()).href;
+  }
+}
+
+/**
+ * The engine in the origin's SharedWorker for this bundle and options, or, where there is no
+ * SharedWorker (or it has no WebGPU where the page has), the page's own worker, with a warning.
+ */
+async function loadShared(href, options) {
+  const fallback = async (why) => {
+    const { whenBusy, ...dedicated } = options;
+    const engine = await WorkerEngine.load(href, dedicated);
+    engine.info = { ...engine.info, warnings: [...engine.info.warnings, `not shared between tabs: ${why}; this tab runs its own engine`] };
+    return engine;
+  };
+  if (typeof SharedWorker === 'undefined') return fallback('this browser has no SharedWorker');
+  // 'auto' is decided here: a shared worker without WebGPU must not fall back to the CPU
+  // where the page has a GPU.
+  const backend = options.backend ?? 'auto';
+  const resolved = backend === 'auto' && (await gpuAdapter()) ? 'webgpu' : backend;
+  try {
+    return await WorkerEngine.load(href, { ...options, backend: resolved, shared: true });
+  } catch (error) {
+    // No module SharedWorker here, or one without WebGPU.
+    if (error?.name !== 'UnsupportedError') throw error;
+    return fallback(error.message);
   }
 }
 

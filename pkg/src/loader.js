@@ -247,3 +247,31 @@ export async function fetchBundle(loading, href, manifestFile, {
   }
   return { totalBytes, peakBufferedBytes };
 }
+
+/**
+ * Runs `download` holding the origin-wide Web Lock on the bundle at `href`: of two tabs (or
+ * workers) loading one bundle, the second waits for the first's download, then finds the
+ * chunks in the cache, and no chunk is downloaded twice at once. `onWait` is called when it
+ * has to wait. Without Web Locks, or without a cache to share, it runs at once.
+ * @template T
+ * @param {string} href
+ * @param {Cache | null} cache
+ * @param {AbortSignal} signal
+ * @param {() => void} onWait
+ * @param {() => Promise<T>} download
+ * @returns {Promise<T>}
+ */
+export async function withBundleLock(href, cache, signal, onWait, download) {
+  const locks = globalThis.navigator?.locks;
+  if (!locks || !cache) return download();
+  const name = `phi2-web download ${href}`;
+  const free = await locks.request(name, { ifAvailable: true }, async (lock) => (lock ? { result: await download() } : null));
+  if (free) return free.result;
+  onWait();
+  try {
+    return await locks.request(name, { signal }, download);
+  } catch (error) {
+    if (signal.aborted) throw abortError(signal);
+    throw error;
+  }
+}

@@ -1,6 +1,7 @@
 // The messages between the page's WorkerEngine (worker-engine.js) and the engine's worker
-// (worker.js). Every message carries the id of the request it belongs to; the page numbers its
-// requests, the worker runs them one after another (pull and abort act at once).
+// (worker.js), dedicated or shared. Every message carries the id of the request it belongs to;
+// each page numbers its own requests. The worker runs generations and benches one after
+// another, every tab's (pull and abort act at once).
 
 import type {
   BenchOptions, ChatCompletionChunk, ChatCompletionRequest, GenerateOptions, GeneratedToken, GenerationStats,
@@ -16,14 +17,19 @@ export interface WorkerLoadOptions {
   stallTimeoutMs?: number;
   f16?: boolean;
   kernels?: 'auto' | 'portable' | 'subgroups';
+  contextLength?: number;
 }
+
+/** What a tab's generation does while another tab's runs on a shared engine. */
+type WhenBusy = 'queue' | 'cancel';
 
 /** Page → worker. */
 export type WorkerRequest =
   | { type: 'load'; id: number; url: string; options: WorkerLoadOptions }
-  | { type: 'generate'; id: number; prompt: string; options: Omit<GenerateOptions, 'signal'> }
-  | { type: 'chat'; id: number; request: Omit<ChatCompletionRequest, 'signal'> }
-  | { type: 'bench'; id: number; options: BenchOptions }
+  | { type: 'generate'; id: number; prompt: string; options: Omit<GenerateOptions, 'signal'>; whenBusy: WhenBusy }
+  | { type: 'chat'; id: number; request: Omit<ChatCompletionRequest, 'signal'>; whenBusy: WhenBusy }
+  | { type: 'bench'; id: number; options: BenchOptions; whenBusy: WhenBusy }
+  /** This page lets go of the model (a shared worker frees it when no page is left). */
   | { type: 'unload'; id: number }
   /** Generation `id`'s consumer has taken `delivered` items: the worker may run ahead of it. */
   | { type: 'pull'; id: number; delivered: number }
@@ -37,4 +43,8 @@ export type WorkerReply =
   | { type: 'item'; id: number; value: GeneratedToken | ChatCompletionChunk }
   /** `stats`: a generation's or chat's figures (a chat's value is its completion). */
   | { type: 'result'; id: number; value: unknown; stats?: GenerationStats }
-  | { type: 'error'; id: number; error: { name: Phi2ErrorName; message: string; details: Phi2ErrorDetails } };
+  | { type: 'error'; id: number; error: SerializedError }
+  /** A shared worker whose GPU device was lost closes (a new load starts a new one); id 0. */
+  | { type: 'closed'; id: 0; error: SerializedError };
+
+type SerializedError = { name: Phi2ErrorName; message: string; details: Phi2ErrorDetails };

@@ -66,6 +66,21 @@ export async function gpuAdapter() {
 }
 
 /**
+ * The backend `requested` ('auto', 'webgpu' or 'cpu') resolves to here, with its adapter.
+ * @param {'auto' | 'webgpu' | 'cpu'} requested
+ * @returns {Promise<{ backend: 'webgpu' | 'cpu', adapter: any }>}
+ */
+export async function chooseBackend(requested) {
+  if (requested === 'cpu') return { backend: 'cpu', adapter: null };
+  const adapter = await gpuAdapter();
+  if (adapter) return { backend: 'webgpu', adapter };
+  if (requested === 'webgpu') {
+    throw new Phi2Error('UnsupportedError', 'this browser offers no WebGPU adapter; use backend "auto" or "cpu"');
+  }
+  return { backend: 'cpu', adapter: null };
+}
+
+/**
  * The `kernels` option checked against `adapter` (null: the CPU backend), with 'auto' made
  * explicit where the engine cannot see for itself: cubecl learns of subgroups through wgpu,
  * whose WebGPU backend does not map that feature, so in the browser 'auto' would never choose

@@ -1,6 +1,6 @@
 // @ts-check
-// The page's side of the engine worker (worker.js): an Engine (index.d.ts) whose calls become
-// messages of the worker protocol (protocol.d.ts).
+// The page's side of the engine worker (worker.js), dedicated or shared between tabs: an
+// Engine (index.d.ts) whose calls become messages of the worker protocol (protocol.d.ts).
 
 import { Phi2Error } from './errors.js';
 
@@ -26,10 +26,53 @@ import { Phi2Error } from './errors.js';
  * @typedef {WorkerRequest extends infer R ? (R extends { id: number } ? Omit<R, 'id'> : never) : never} Unnumbered
  */
 
+/**
+ * The engine's end of a worker: a dedicated Worker, or a SharedWorker's port.
+ * @typedef {{ postMessage(message: WorkerRequest): void, close(): void,
+ *   onMessage(handler: (reply: WorkerReply) => void): void, onError(handler: (message: string) => void): void }} Channel
+ */
+
+/** @param {Worker} worker @returns {Channel} */
+function dedicatedChannel(worker) {
+  return {
+    postMessage: (message) => worker.postMessage(message),
+    close: () => worker.terminate(),
+    onMessage: (handler) => (worker.onmessage = ({ data }) => handler(data)),
+    onError: (handler) => (worker.onerror = (event) => {
+      event.preventDefault?.();
+      handler(event.message ?? 'script error');
+    }),
+  };
+}
+
+/** @param {SharedWorker} worker @returns {Channel} */
+function sharedChannel(worker) {
+  return {
+    postMessage: (message) => worker.port.postMessage(message),
+    close: () => worker.port.close(),
+    onMessage: (handler) => (worker.port.onmessage = ({ data }) => handler(data)),
+    onError: (handler) => (worker.onerror = (event) => {
+      event.preventDefault?.();
+      handler(/** @type {ErrorEvent} */ (event).message ?? 'script error');
+    }),
+  };
+}
+
+/**
+ * The name that makes tabs share a SharedWorker: the bundle and every option that shapes the
+ * engine (two tabs asking for different ones get different engines).
+ * @param {string} href
+ * @param {WorkerLoadOptions} options
+ */
+function sharedName(href, options) {
+  const { cache = true, backend = 'auto', f16 = false, kernels = 'auto', contextLength = null, wasmUrl = null } = options;
+  return `phi2-web ${JSON.stringify({ href, cache, backend, f16, kernels, contextLength, wasmUrl })}`;
+}
+
 /** @implements {Engine} */
 export class WorkerEngine {
-  /** @type {Worker} */
-  #worker;
+  /** @type {Channel} */
+  #channel;
   #nextId = 1;
   /** @type {Map<number, (reply: WorkerReply) => void>} Request id → handler of its replies. */
   #requests = new Map();
@@ -37,45 +80,58 @@ export class WorkerEngine {
   #broken = null;
   /** @type {(() => void) | null} Stops the running generation, if any. */
   #stopGeneration = null;
+  /** @type {'queue' | 'cancel'} What this tab's generations do while another tab's runs. */
+  #whenBusy;
   /** @type {ModelInfo} */
   info;
   /** @type {GenerationStats | undefined} */
   lastStats;
 
   /**
-   * @param {Worker} worker
-   * @param {ModelInfo} info
+   * @param {Channel} channel
+   * @param {'queue' | 'cancel'} whenBusy
    */
-  constructor(worker, info) {
-    this.#worker = worker;
-    this.info = info;
-    worker.onmessage = ({ data }) => this.#requests.get(data.id)?.(data);
-    worker.onerror = (event) => {
-      event.preventDefault?.();
-      this.#fail(new Phi2Error('InternalError', `the engine's worker failed: ${event.message ?? 'script error'}`));
-    };
+  constructor(channel, whenBusy) {
+    this.#channel = channel;
+    this.#whenBusy = whenBusy;
+    this.info = /** @type {ModelInfo} */ ({});
+    channel.onMessage((data) => {
+      if (data.type === 'closed') this.#fail(Phi2Error.fromJSON(data.error));
+      else this.#requests.get(data.id)?.(data);
+    });
+    channel.onError((message) => this.#fail(new Phi2Error('InternalError', `the engine's worker failed: ${message}`)));
   }
 
   /**
-   * Starts the package's worker and loads the bundle at `href` (absolute) there.
+   * Starts the package's worker — dedicated, or with `shared` the origin's SharedWorker for
+   * this bundle and these options — and loads the bundle at `href` (absolute) there.
    * @param {string} href
-   * @param {WorkerLoadOptions & { onProgress?: (event: LoadProgress) => void, signal?: AbortSignal, workerUrl?: string }} options
+   * @param {WorkerLoadOptions & { onProgress?: (event: LoadProgress) => void, signal?: AbortSignal,
+   *   workerUrl?: string, shared?: boolean, whenBusy?: 'queue' | 'cancel' }} options
    */
-  static async load(href, { onProgress = () => {}, signal, workerUrl, ...options }) {
-    let worker;
+  static async load(href, { onProgress = () => {}, signal, workerUrl, shared = false, whenBusy = 'queue', ...options }) {
+    const url = workerUrl ?? new URL('./worker.js', import.meta.url);
+    let channel;
     try {
-      worker = workerUrl
-        ? new Worker(workerUrl, { type: 'module' })
-        : new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+      channel = shared
+        ? sharedChannel(new SharedWorker(url, { type: 'module', name: sharedName(href, options) }))
+        : dedicatedChannel(new Worker(url, { type: 'module' }));
     } catch (error) {
-      throw new Phi2Error('UnsupportedError', `cannot start the engine's module worker (${error instanceof Error ? error.message : error}); pass worker: false`);
+      throw new Phi2Error('UnsupportedError', `cannot start the engine's module ${shared ? 'shared ' : ''}worker (${error instanceof Error ? error.message : error}); pass worker: false`);
     }
-    const engine = new WorkerEngine(worker, /** @type {ModelInfo} */ ({}));
+    const engine = new WorkerEngine(channel, whenBusy);
     try {
       engine.info = /** @type {ModelInfo} */ (await engine.#call({ type: 'load', url: href, options }, signal, onProgress));
     } catch (error) {
-      worker.terminate();
+      channel.close();
       throw error;
+    }
+    if (shared) {
+      // Leaving the page lets go of this tab's share of the model (the last tab frees it).
+      const leave = (/** @type {PageTransitionEvent} */ event) => {
+        if (!event.persisted) engine.unload().catch(() => {});
+      };
+      globalThis.addEventListener?.('pagehide', leave, { once: true });
     }
     return engine;
   }
@@ -89,7 +145,7 @@ export class WorkerEngine {
 
   /** @param {WorkerRequest} message */
   #post(message) {
-    this.#worker.postMessage(message);
+    this.#channel.postMessage(message);
   }
 
   /**
@@ -140,7 +196,7 @@ export class WorkerEngine {
    */
   async *generate(prompt, options = {}) {
     const { signal, ...params } = options ?? {};
-    const stats = yield* this.#stream({ type: 'generate', prompt, options: params }, signal, true);
+    const stats = yield* this.#stream({ type: 'generate', prompt, options: params, whenBusy: this.#whenBusy }, signal, true);
     return /** @type {GenerationStats} */ (stats);
   }
 
@@ -150,7 +206,7 @@ export class WorkerEngine {
    * @returns {AsyncGenerator<ChatCompletionChunk, ChatCompletion, undefined>}
    */
   async *chat(request, { signal } = {}) {
-    return /** @type {ChatCompletion} */ (yield* this.#stream({ type: 'chat', request }, signal, false));
+    return /** @type {ChatCompletion} */ (yield* this.#stream({ type: 'chat', request, whenBusy: this.#whenBusy }, signal, false));
   }
 
   /**
@@ -247,7 +303,7 @@ export class WorkerEngine {
    */
   async bench(options = {}) {
     this.stop();
-    return /** @type {BenchReport} */ (await this.#call({ type: 'bench', options }));
+    return /** @type {BenchReport} */ (await this.#call({ type: 'bench', options, whenBusy: this.#whenBusy }));
   }
 
   async unload() {
@@ -256,7 +312,7 @@ export class WorkerEngine {
     try {
       await this.#call({ type: 'unload' });
     } finally {
-      this.#worker.terminate();
+      this.#channel.close();
       this.#broken = new Phi2Error('StateError', 'the model has been unloaded; load it again');
     }
   }
