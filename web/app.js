@@ -4,6 +4,7 @@
 // Query parameters make the page scriptable (used by the browser tests):
 //   ?model=URL&prompt=TEXT&max=N&backend=auto|webgpu|cpu&worker=0|1&temperature=T&autorun=1
 //   &kernels=auto|portable|subgroups (the package's `kernels` option)&json=1 (JSON output)
+//   &shared=1 (one engine for all tabs: the package's `shared` option)
 // With autorun=1 the page loads the model (in a worker unless worker=0), collects every progress
 // event, generates from the prompt as given (no format template; temperature 0 and 16 tokens
 // unless given), then writes
@@ -25,6 +26,8 @@ const ui = {
   abortBtn: $('abort-btn'),
   cached: $('cached'),
   deleteCacheBtn: $('delete-cache-btn'),
+  shared: $('shared'),
+  cachedBundles: $('cached-bundles'),
   progressBox: $('progress-box'),
   progress: $('progress'),
   progressText: $('progress-text'),
@@ -236,7 +239,26 @@ const fixed = (value, digits = 1) => (Number.isFinite(value) ? value.toFixed(dig
 
 // --- the cache indicator -------------------------------------------------------------------------
 
+/** "1.57 GB", or below a gigabyte "2.07 MB". */
+const size = (bytes) => (bytes >= 1e9 ? `${(bytes / 1e9).toFixed(2)} GB` : `${mb(bytes)} MB`);
+
+/** "1.57 GB to download, 2.9 GB free; needs ~1.7 GB of GPU memory at 2048 tokens". */
+function describeRequirements(needs) {
+  const { download, storage, memory, backend } = needs;
+  const parts = [download.bytesToDownload === 0
+    ? 'cached ✓ (loads without the network)'
+    : `${size(download.bytesToDownload)} to download${download.cachedBytes > 0 ? ` (${size(download.cachedBytes)} cached)` : ''}`];
+  if (storage && download.bytesToDownload > 0) {
+    // Chromium reports a fixed quota (usage + 10 GiB): no figure is better than a false one.
+    const free = storage.quotaIsFixed ? 'free storage not reported' : `${size(storage.availableBytes)} free`;
+    parts[0] += `, ${free}${storage.persisted ? ' (persistent)' : ''}`;
+  }
+  const where = backend === 'webgpu' ? 'GPU memory' : 'memory (CPU)';
+  return `${parts[0]}; needs ~${size(memory.totalBytes)} of ${where} at ${memory.contextLength} tokens`;
+}
+
 let cacheCheck = 0;
+/** Shows what loading the model at the URL needs (and whether it fits), and the cached models. */
 async function refreshCached() {
   const id = ++cacheCheck;
   const url = ui.modelUrl.value.trim();
@@ -245,15 +267,57 @@ async function refreshCached() {
     ui.cached.className = '';
     return;
   }
-  let cached = false;
+  let text;
+  let kind = '';
+  let needs = null;
   try {
-    cached = await state.pkg.Phi2.isCached(url);
+    needs = await state.pkg.Phi2.requirements(url, { backend: ui.backend.value, kernels: state.kernels });
+    text = describeRequirements(needs);
+    if (!needs.fits) {
+      text += ` — will not load: ${needs.reasons.map((r) => r.message).join('; ')}`;
+      kind = 'no';
+    } else if (needs.download.bytesToDownload === 0) {
+      kind = 'yes';
+    }
   } catch (error) {
-    console.warn('phi2-web: could not check the cache:', error);
+    text = `cannot tell what the model needs (${error?.message ?? error})`;
   }
   if (id !== cacheCheck) return; // a newer check is under way
-  ui.cached.textContent = cached ? 'cached ✓ (loads without the network)' : 'not cached';
-  ui.cached.className = cached ? 'yes' : '';
+  ui.cached.textContent = text;
+  ui.cached.className = kind;
+  await showCachedBundles(needs?.url);
+}
+
+/** Lists the cached models but `current` (a manifest URL), each with a button that deletes it. */
+async function showCachedBundles(current) {
+  let bundles = [];
+  try {
+    bundles = (await state.pkg.Phi2.cachedBundles()).filter((bundle) => bundle.url !== current);
+  } catch (error) {
+    console.warn('phi2-web: could not list the cached models:', error);
+  }
+  const rows = bundles.map((bundle) => {
+    const row = document.createElement('div');
+    const label = document.createElement('span');
+    label.textContent = `Also cached: ${bundle.url} (${size(bundle.bytes)}${bundle.complete ? '' : ', incomplete'})`;
+    const remove = document.createElement('button');
+    remove.type = 'button';
+    remove.className = 'danger';
+    remove.textContent = 'Delete to free space';
+    remove.addEventListener('click', async () => {
+      remove.disabled = true;
+      try {
+        await state.pkg.Phi2.deleteCache(bundle.url);
+      } catch (error) {
+        showError(error);
+      }
+      await refreshCached();
+    });
+    row.append(label, remove);
+    return row;
+  });
+  ui.cachedBundles.replaceChildren(...rows);
+  ui.cachedBundles.hidden = rows.length === 0;
 }
 
 async function onDeleteCache() {
@@ -272,6 +336,7 @@ async function onDeleteCache() {
 // --- loading -------------------------------------------------------------------------------------
 
 const PHASE_TEXT = {
+  wait: 'Waiting for another tab to download the model',
   download: 'Downloading',
   cache: 'Reading from the cache',
   upload: 'Verifying and placing the weights',
@@ -341,7 +406,9 @@ function showModelInfo(model) {
   const line = document.createElement('div');
   line.textContent = `Running on ${backend} · context ${info.contextLength ?? '?'} tokens · ` +
     `${mb(info.totalBytes ?? 0)} MB of weights · loaded in ${fixed((info.loadMs ?? 0) / 1000)} s` +
-    (state.worker ? '' : ' · on the page thread');
+    (state.worker ? '' : ' · on the page thread') +
+    (info.shared ? ` · shared with other tabs${info.attached ? ' (attached to their model)' : ''}` : '') +
+    (info.persisted ? ' · cache kept under storage pressure' : '');
   const parts = [line];
   if (info.device) {
     const device = document.createElement('div');
@@ -382,6 +449,9 @@ async function loadModel(url, backend, onEvent = () => {}) {
       worker: state.worker,
       kernels: state.kernels,
       cache: true,
+      // Ask that the 1.6 GB stay cached under storage pressure (model.info.persisted says).
+      persist: true,
+      shared: ui.shared.checked,
       signal: controller.signal,
       onProgress: (event) => {
         onEvent(event);
@@ -400,7 +470,7 @@ async function loadModel(url, backend, onEvent = () => {}) {
   } finally {
     if (state.controller === controller) state.controller = null;
     setPhase('idle');
-    refreshCached();
+    if (!AUTORUN) refreshCached();
   }
 }
 
@@ -635,6 +705,7 @@ if (params.has('backend') && [...ui.backend.options].some((o) => o.value === par
   ui.backend.value = params.get('backend');
 }
 if (params.has('max')) ui.maxTokens.value = params.get('max');
+ui.shared.checked = params.get('shared') === '1';
 if (params.has('temperature')) ui.temperature.value = params.get('temperature');
 if (AUTORUN || params.has('prompt')) ui.format.value = 'raw';
 if (params.has('prompt')) ui.prompt.value = params.get('prompt');
@@ -666,6 +737,7 @@ ui.modelUrl.addEventListener('input', () => {
   clearTimeout(cacheTimer);
   cacheTimer = setTimeout(refreshCached, 300);
 });
+ui.backend.addEventListener('change', refreshCached);
 
 registerServiceWorker();
 
@@ -691,7 +763,8 @@ if (state.pkg) {
   }, () => {
     ui.webgpuNotice.hidden = false;
   });
-  refreshCached();
+  // Autorun (the tests) leaves the network to the load alone.
+  if (!AUTORUN) refreshCached();
 }
 
 if (AUTORUN) {
