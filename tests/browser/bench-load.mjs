@@ -1,8 +1,8 @@
 // Browser load benchmark (--tokens 0: load only): loads a bundle (default: the synthetic full-size Phi-2 from
 // `phi2 synth --preset phi-2`) with the package in headless Chromium (or Firefox), from the
 // network and then from the cache, and prints figures as JSON: load times, peak JS heap
-// (sampled over CDP; Chromium only), wasm memory, and the most chunk bytes the loader held at
-// once. Not a test: it asserts nothing.
+// (sampled over CDP; Chromium only), wasm memory, the most chunk bytes the loader held at
+// once, and the requirements checked before the download. Not a test: it asserts nothing.
 //
 //   node tests/browser/bench-load.mjs BUNDLE_DIR [--browser chromium|firefox]
 //                                     [--backend webgpu|cpu] [--tokens N]
@@ -137,6 +137,8 @@ console.log(JSON.stringify({
   network: { ...summary(network), chunk_requests: chunkRequestsFromNetwork },
   cache: { ...summary(cached), chunk_requests: chunkRequestsFromCache },
   warnings: [...network.info.warnings, ...cached.info.warnings],
+  // What the first load checked before its download (Phi2.requirements' figures).
+  requirements: network.info.requirements,
   bench: cached.report,
 }, null, 2));
 await context.close();

@@ -66,13 +66,16 @@ function requireBrowser(path, engine, apt) {
   }
 }
 
-/** Headless Chromium through playwright-core (the fault suite and the load benchmark use it as is). */
-export async function launchChromium({ webgpu = true } = {}) {
+/**
+ * Headless Chromium through playwright-core (the fault suite and the load benchmark use it as
+ * is); `extraArgs` go after CHROMIUM_ARGS.
+ */
+export async function launchChromium({ webgpu = true, extraArgs = [] } = {}) {
   const executablePath = chromiumPath();
   requireBrowser(executablePath, 'chromium', 'chromium');
   const { chromium } = requirePackage('playwright-core');
   const args = webgpu ? CHROMIUM_ARGS : CHROMIUM_ARGS.filter((arg) => arg !== '--enable-unsafe-webgpu');
-  return chromium.launch({ executablePath, headless: true, args });
+  return chromium.launch({ executablePath, headless: true, args: [...args, ...extraArgs] });
 }
 
 /**

@@ -404,7 +404,7 @@ test('bad input gives typed errors (name, message, details) that cross the worke
       'unknown option': ['OptionError', /temprature/, { option: /^temprature$/ }],
       'prompt type': ['OptionError', /prompt/, { option: /^prompt$/ }],
       'after unload': ['StateError', /unloaded/, {}],
-      'buffer limits': ['DeviceError', /4096/, { tensor: /^(model|lm_head)\./ }],
+      'buffer limits': ['DeviceError', /4096/, { tensor: /^attention scores$/, limit: /^4096$/ }],
     };
     for (const error of errors) {
       const [name, message, details] = expect[error.what];
@@ -681,12 +681,18 @@ test('the TypeScript typings compile for correct use and reject wrong use', { ti
     const stream = await model.chat.completions.create({ messages: [{ role: 'user', content: [{ type: 'text', text: 'hi' }] }], stream: true }, { signal: new AbortController().signal });
     for await (const chunk of stream) console.log(chunk.choices[0]?.delta.content ?? '', chunk.usage?.total_tokens, content, cachedTokens);
     for await (const { text: json } of model.generate('x', { responseFormat: { type: 'grammar', grammar: { syntax: 'lark', definition: 'start: "a"' } }, frequencyPenalty: 0.5 })) console.log(json);
+    const needs = await Phi2.requirements('models/phi-2/', { contextLength: 1024, backend: 'webgpu', f16: true });
+    const free: number | undefined = needs.storage?.availableBytes;
+    const why: string[] = needs.fits ? [] : needs.reasons.map((r) => r.name === 'QuotaError' ? \`\${r.details.bytes} > \${r.details.available}\` : r.message);
+    const kv: 'f32' | 'f16' = needs.memory.kvCacheDtype;
+    const tabs = await Phi2.load('models/phi-2/', { shared: true, whenBusy: 'cancel', persist: true, contextLength: 1024 });
+    console.log(free, why, kv, tabs.info?.attached, tabs.info?.persisted, tabs.info?.requirements.memory.totalBytes, (await Phi2.cachedBundles()).map((b) => b.url + b.bytes + b.complete));
   `;
   const tsc = path.join(TESTS, 'node_modules', '.bin', 'tsc');
   writeFileSync(path.join(dir, 'app.ts'), good);
   execFileSync(tsc, ['-p', dir], { stdio: 'inherit' });
   // One mistake per line: a wrong option type, prompt type, generate option type, item field,
-  // kernels value, chat role, response format.
+  // kernels value, chat role, response format, whenBusy value.
   writeFileSync(path.join(dir, 'app.ts'), [
     "import { Phi2 } from 'phi2-web';",
     "const model = await Phi2.load('x', { cache: 'yes' });",
@@ -696,6 +702,7 @@ test('the TypeScript typings compile for correct use and reject wrong use', { ti
     "await Phi2.load('x', { kernels: 'fast' });",
     "await model.chat.completions.create({ messages: [{ role: 'robot', content: 'x' }] });",
     "model.generate('x', { responseFormat: { type: 'xml' } });",
+    "await Phi2.load('x', { whenBusy: 'later' });",
   ].join('\n'));
   let output = '';
   assert.throws(() => {
@@ -706,7 +713,7 @@ test('the TypeScript typings compile for correct use and reject wrong use', { ti
       throw e;
     }
   }, 'wrong use must not compile');
-  for (const line of [2, 3, 4, 5, 6, 7, 8]) assert.match(output, new RegExp(`app\\.ts\\(${line},`), `no error on line ${line}:\n${output}`);
+  for (const line of [2, 3, 4, 5, 6, 7, 8, 9]) assert.match(output, new RegExp(`app\\.ts\\(${line},`), `no error on line ${line}:\n${output}`);
 });
 
 test('the package\'s own engines implement its Engine interface and speak the typed worker protocol', { timeout: 3 * 60 * 1000 }, () => {
