@@ -54,18 +54,23 @@ export class Phi2 {
     }
     if (signal?.aborted) throw abortError(signal);
     resolveUrls(rest);
-    // Only a window can ask; the answer (granted silently or not at all) is in model.info.
-    if (persist && rest.cache !== false) await globalThis.navigator?.storage?.persist?.().catch(() => false);
+    // Only a window can ask. The load does not wait for the answer: Firefox asks the user,
+    // who may never reply. model.info.persisted is the answer if it came during the load.
+    const persisting = persist && rest.cache !== false
+      ? globalThis.navigator?.storage?.persist?.().catch(() => false)
+      : undefined;
     const useWorker = worker && typeof Worker !== 'undefined';
     if (worker && !useWorker) {
       // Asked for a worker where there is none (e.g. inside a worker already): say so.
       throw new Phi2Error('UnsupportedError', 'Web Workers are not available here; pass worker: false');
     }
     try {
-      if (useWorker && shared) return new Phi2(await loadShared(href, { onProgress, signal, whenBusy, ...rest }));
-      const engine = useWorker
-        ? await WorkerEngine.load(href, { onProgress, signal, ...rest })
-        : await Engine.load(href, { onProgress, signal, ...rest });
+      const engine = useWorker && shared
+        ? await loadShared(href, { onProgress, signal, whenBusy, ...rest })
+        : useWorker
+          ? await WorkerEngine.load(href, { onProgress, signal, ...rest })
+          : await Engine.load(href, { onProgress, signal, ...rest });
+      if (persisting) engine.info = { ...engine.info, persisted: await answerSoFar(persisting, engine.info.persisted) };
       return new Phi2(engine);
     } catch (error) {
       throw Phi2Error.from(error);
@@ -218,6 +223,11 @@ export class Phi2 {
   static async hasWebGPU() {
     return (await gpuAdapter()) !== null;
   }
+}
+
+/** What `promise` resolved to if it has settled, else `otherwise` (without waiting). */
+function answerSoFar(promise, otherwise) {
+  return Promise.race([promise, Promise.resolve(otherwise)]);
 }
 
 /** `url` as the manifest's absolute URL (relative to the page), or an OptionError. */

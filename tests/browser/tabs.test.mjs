@@ -283,18 +283,20 @@ test('the demo page shows what the model needs before Load, and deletes other ca
     await page.goto(`${server.url}web/index.html?model=${encodeURIComponent(`../${BUNDLE}/`)}&backend=webgpu`);
     await page.waitForFunction(() => /tokens/.test(document.querySelector('#cached').textContent));
     const before = await page.evaluate(() => document.querySelector('#cached').textContent);
-    const { needs, cached } = await page.evaluate(async (url) => {
+    const { needs, cached, persisted, granted } = await page.evaluate(async (url) => {
       const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
       const needs = await Phi2.requirements(url, { backend: 'webgpu' });
-      const model = await Phi2.load(url, { backend: 'cpu', worker: false });
+      const model = await Phi2.load(url, { backend: 'cpu', worker: false, persist: true });
+      const { persisted } = model.info;
       await model.unload();
-      return { needs, cached: await Phi2.cachedBundles() };
+      return { needs, cached: await Phi2.cachedBundles(), persisted, granted: await navigator.storage.persisted() };
     }, `../${BUNDLE}/`);
     // The page's sizes: GB with 2 decimals from 1 GB, else MB (2 decimals below 10 MB, else 1).
     const size = (bytes) => (bytes >= 1e9 ? `${(bytes / 1e9).toFixed(2)} GB` : `${(bytes / 1e6).toFixed(bytes < 1e7 ? 2 : 1)} MB`);
     const mb = (bytes) => size(bytes).replace(' MB', '');
     assert.equal(before, `${size(needs.download.bytesToDownload)} to download, ${size(needs.storage.availableBytes)} free; needs ~${size(needs.memory.totalBytes)} of GPU memory at 2048 tokens`);
     assert.deepEqual(cached.map((b) => [b.url, b.complete]), [[needs.url, true]]);
+    assert.equal(persisted, granted, 'info.persisted is the browser\'s answer to persist: true');
     // Another model in the field: the cached one is offered for deletion, and the button frees it.
     await page.fill('#model-url', '../tests/fixtures/does-not-exist/');
     await page.waitForSelector('#cached-bundles:not([hidden]) button');
