@@ -9,8 +9,51 @@
 //! Storage: 4 bits + 16/32 bits = 4.5 bits per weight.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 pub const BLOCK: usize = 32;
+
+/// Rows one task of the native CPU matmul computes: enough to outweigh scheduling, few enough
+/// to share a 2560-row matrix among many cores.
+#[cfg(not(target_arch = "wasm32"))]
+const ROWS_PER_TASK: usize = 64;
+
+/// A block of 32 activations in the order its codes come out of their 4 words: entry `[i][j]`
+/// is the value under nibble `i` of word `j` (position `8j + i`), so that one shift and mask
+/// of the 4 words gives 4 codes at once, which compilers turn into one SIMD operation.
+type NibbleBlock = [[f32; 4]; 8];
+
+/// `x: [tokens, cols]` as [`NibbleBlock`]s, `blocks` per token, padded with zeros.
+fn nibble_ordered(x: &[f32], tokens: usize, cols: usize, blocks: usize) -> Vec<NibbleBlock> {
+    let mut out = vec![[[0.0f32; 4]; 8]; tokens * blocks];
+    for (t, token) in out.chunks_exact_mut(blocks).enumerate() {
+        for (b, block) in token.iter_mut().enumerate() {
+            for (i, lanes) in block.iter_mut().enumerate() {
+                for (j, value) in lanes.iter_mut().enumerate() {
+                    let col = b * BLOCK + 8 * j + i;
+                    if col < cols {
+                        *value = x[t * cols + col];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The sum of one block's products: its 4 code words against its activations.
+#[inline(always)]
+fn block_dot(words: &[u32], x: &NibbleBlock) -> f32 {
+    let words = [words[0], words[1], words[2], words[3]];
+    let mut acc = [0.0f32; 4];
+    for (i, lanes) in x.iter().enumerate() {
+        for j in 0..4 {
+            let code = ((words[j] >> (4 * i)) & 0xF) as i32 - 8;
+            acc[j] += code as f32 * lanes[j];
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
 
 /// A 4-bit matrix in GPU layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -190,33 +233,52 @@ impl Q4Matrix {
 
     /// `x · Wᵀ` for `x: [tokens, cols]` (row-major), giving `[tokens, rows]`: the CPU
     /// backend's 4-bit matmul. Each block's products are summed before its scale multiplies
-    /// them, in the order the GPU kernels add them.
+    /// them, as the GPU kernels do. Natively the rows are shared among the cores.
     pub fn matmul(&self, x: &[f32], tokens: usize) -> Vec<f32> {
-        let (rows, cols) = (self.rows, self.cols);
-        let words_per_row = padded_cols(cols) / 8;
-        let blocks_per_row = self.blocks_per_row();
-        let scales: Vec<f32> = self.scales.iter().map(|s| s.to_f32()).collect();
-        let mut out = vec![0.0f32; tokens * rows];
-        for t in 0..tokens {
-            let x = &x[t * cols..(t + 1) * cols];
-            for r in 0..rows {
-                let codes = &self.codes[r * words_per_row..(r + 1) * words_per_row];
-                let mut acc = 0.0f32;
-                for b in 0..blocks_per_row {
-                    let mut part = 0.0f32;
-                    for (w, &word) in codes[b * 4..b * 4 + 4].iter().enumerate() {
-                        let base = b * BLOCK + w * 8;
-                        for i in 0..8.min(cols.saturating_sub(base)) {
-                            let q = ((word >> (4 * i)) & 0xF) as f32 - 8.0;
-                            part += q * x[base + i];
-                        }
-                    }
-                    acc += part * scales[r * blocks_per_row + b];
-                }
-                out[t * rows + r] = acc;
+        let blocks = self.blocks_per_row();
+        let x = nibble_ordered(x, tokens, self.cols, blocks);
+        let mut by_row = vec![0.0f32; self.rows * tokens];
+        let rows_of = |first: usize, out: &mut [f32]| {
+            let mut scales = vec![0.0f32; blocks];
+            for (i, out) in out.chunks_exact_mut(tokens).enumerate() {
+                self.row_products(first + i, &x, &mut scales, out);
+            }
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            use rayon::prelude::*;
+            let rows_per_task = ROWS_PER_TASK.min(self.rows.max(1));
+            by_row
+                .par_chunks_mut(rows_per_task * tokens)
+                .enumerate()
+                .for_each(|(task, out)| rows_of(task * rows_per_task, out));
+        }
+        #[cfg(target_arch = "wasm32")]
+        rows_of(0, &mut by_row);
+        // [rows, tokens] → [tokens, rows].
+        let mut out = vec![0.0f32; tokens * self.rows];
+        for (r, row) in by_row.chunks_exact(tokens).enumerate() {
+            for (t, &y) in row.iter().enumerate() {
+                out[t * self.rows + r] = y;
             }
         }
         out
+    }
+
+    /// Row `r` of the product for every token of `x` (from [`nibble_ordered`]) into `out`;
+    /// `scales` is room for the row's scales as f32.
+    fn row_products(&self, r: usize, x: &[NibbleBlock], scales: &mut [f32], out: &mut [f32]) {
+        let blocks = scales.len();
+        self.scales[r * blocks..(r + 1) * blocks].convert_to_f32_slice(scales);
+        let codes = &self.codes[r * blocks * 4..(r + 1) * blocks * 4];
+        for (t, y) in out.iter_mut().enumerate() {
+            let x = &x[t * blocks..(t + 1) * blocks];
+            let mut acc = 0.0f32;
+            for ((words, x), scale) in codes.chunks_exact(4).zip(x).zip(scales.iter()) {
+                acc += block_dot(words, x) * scale;
+            }
+            *y = acc;
+        }
     }
 
     /// `y = x · Wᵀ` for `x: [n, cols]` on the CPU, accumulating per block like the kernels.
