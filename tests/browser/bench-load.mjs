@@ -23,18 +23,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startServer } from './server.mjs';
-import { CHROMIUM_ARGS, chromiumPath, FIREFOX_PREFS, firefoxPath, forwardPageLogs } from './browser.mjs';
+import { CHROMIUM_ARGS, chromiumPath, FIREFOX_PREFS, firefoxPath, forwardPageLogs, scriptArgs } from './browser.mjs';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const args = process.argv.slice(2);
-const option = (name, fallback) => {
-  const at = args.indexOf(name);
-  return at >= 0 ? args[at + 1] : fallback;
-};
-const bundleDir = path.resolve(args.find((a, i) => !a.startsWith('--') && !args[i - 1]?.startsWith('--')) ?? '/tmp/phi2-synth');
+const { option, flag, bundleDir } = scriptArgs();
 const engine = option('--browser', 'chromium');
 const backend = option('--backend', 'webgpu');
-const f16 = args.includes('--f16');
+const f16 = flag('--f16');
 const responseFormat = option('--response-format', null);
 const kernels = option('--kernels', 'auto');
 const tokens = Number(option('--tokens', '4'));

@@ -21,6 +21,7 @@
 
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import path from 'node:path';
 
 const require = createRequire(import.meta.url);
 
@@ -178,4 +179,18 @@ export async function waitForResult(page, timeoutMs) {
     if (Date.now() > deadline) throw new Error(`no #result[data-done] within ${timeoutMs} ms`);
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
+}
+
+/**
+ * The command line of the measuring scripts (bench-load.mjs, profile-cpu.mjs): `option(name,
+ * fallback)` reads `--name VALUE`, and `bundleDir` is the one argument that is neither (default:
+ * the synthetic full-size Phi-2 at /tmp/phi2-synth).
+ */
+export function scriptArgs(args = process.argv.slice(2)) {
+  const option = (name, fallback) => {
+    const at = args.indexOf(name);
+    return at >= 0 ? args[at + 1] : fallback;
+  };
+  const bundle = args.find((a, i) => !a.startsWith('--') && !args[i - 1]?.startsWith('--'));
+  return { option, flag: (name) => args.includes(name), bundleDir: path.resolve(bundle ?? '/tmp/phi2-synth') };
 }

@@ -14,15 +14,10 @@ import { mkdirSync, rmSync, symlinkSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startServer } from './server.mjs';
-import { launchChromium, forwardPageLogs } from './browser.mjs';
+import { launchChromium, forwardPageLogs, scriptArgs } from './browser.mjs';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const args = process.argv.slice(2);
-const option = (name, fallback) => {
-  const at = args.indexOf(name);
-  return at >= 0 ? args[at + 1] : fallback;
-};
-const bundleDir = path.resolve(args.find((a, i) => !a.startsWith('--') && !args[i - 1]?.startsWith('--')) ?? '/tmp/phi2-synth');
+const { option, bundleDir } = scriptArgs();
 const pkgDir = path.resolve(option('--pkg', path.join(REPO, 'pkg', 'dist')));
 const tokens = Number(option('--tokens', '4'));
 const top = Number(option('--top', '25'));
