@@ -41,18 +41,38 @@ fn nibble_ordered(x: &[f32], tokens: usize, cols: usize, blocks: usize) -> Vec<N
     out
 }
 
-/// The sum of one block's products: its 4 code words against its activations.
+/// Tokens a row's pass takes together: each block's codes are unpacked once for all of them.
+const TOKENS_AT_ONCE: usize = 4;
+
+/// The sums of one block's products for `N` tokens: its 4 code words against each token's
+/// activations.
 #[inline(always)]
-fn block_dot(words: &[u32], x: &NibbleBlock) -> f32 {
+fn block_dots<const N: usize>(words: &[u32], x: [&NibbleBlock; N]) -> [f32; N] {
     let words = [words[0], words[1], words[2], words[3]];
-    let mut acc = [0.0f32; 4];
-    for (i, lanes) in x.iter().enumerate() {
-        for j in 0..4 {
-            let code = ((words[j] >> (4 * i)) & 0xF) as i32 - 8;
-            acc[j] += code as f32 * lanes[j];
+    let mut acc = [[0.0f32; 4]; N];
+    for i in 0..8 {
+        let codes = words.map(|word| (((word >> (4 * i)) & 0xF) as i32 - 8) as f32);
+        for (acc, x) in acc.iter_mut().zip(x) {
+            for j in 0..4 {
+                acc[j] += codes[j] * x[i][j];
+            }
         }
     }
-    (acc[0] + acc[1]) + (acc[2] + acc[3])
+    acc.map(|lanes| (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+}
+
+/// One row's products for `N` tokens (`out`), from its code words, its scales as f32 and the
+/// tokens' activations (`x`, [`nibble_ordered`] from the first of them).
+fn token_group<const N: usize>(codes: &[u32], scales: &[f32], x: &[NibbleBlock], out: &mut [f32]) {
+    let blocks = scales.len();
+    let mut acc = [0.0f32; N];
+    for (b, (words, scale)) in codes.chunks_exact(4).zip(scales).enumerate() {
+        let sums = block_dots::<N>(words, std::array::from_fn(|t| &x[t * blocks + b]));
+        for (acc, sum) in acc.iter_mut().zip(sums) {
+            *acc += sum * scale;
+        }
+    }
+    out.copy_from_slice(&acc);
 }
 
 /// A 4-bit matrix in GPU layout.
@@ -271,13 +291,14 @@ impl Q4Matrix {
         let blocks = scales.len();
         self.scales[r * blocks..(r + 1) * blocks].convert_to_f32_slice(scales);
         let codes = &self.codes[r * blocks * 4..(r + 1) * blocks * 4];
-        for (t, y) in out.iter_mut().enumerate() {
-            let x = &x[t * blocks..(t + 1) * blocks];
-            let mut acc = 0.0f32;
-            for ((words, x), scale) in codes.chunks_exact(4).zip(x).zip(scales.iter()) {
-                acc += block_dot(words, x) * scale;
+        for (group, out) in out.chunks_mut(TOKENS_AT_ONCE).enumerate() {
+            let x = &x[group * TOKENS_AT_ONCE * blocks..];
+            match out.len() {
+                1 => token_group::<1>(codes, scales, x, out),
+                2 => token_group::<2>(codes, scales, x, out),
+                3 => token_group::<3>(codes, scales, x, out),
+                _ => token_group::<TOKENS_AT_ONCE>(codes, scales, x, out),
             }
-            *y = acc;
         }
     }
 
