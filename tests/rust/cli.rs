@@ -137,6 +137,19 @@ fn every_kernel_choice_matches_transformers_greedy_on_the_gpu() {
     );
 }
 
+/// `phi2 chat` on the CPU with the request in `request` (a file).
+fn chat_args<'a>(model: &'a str, request: &'a str) -> [&'a str; 7] {
+    [
+        "chat",
+        "--model",
+        model,
+        "--backend",
+        "cpu",
+        "--request",
+        request,
+    ]
+}
+
 /// `phi2 chat`: an OpenAI chat completion, or its chunks one per line when streamed; the
 /// answer is the greedy continuation of the Phi-2 prompt the messages make, as `generate`
 /// gives it; a constrained answer parses.
@@ -159,15 +172,7 @@ fn chat_prints_openai_shaped_completions_and_chunks() {
         "plain.json",
         serde_json::json!({"messages": messages, "max_tokens": 6, "stop": ["zzz"]}),
     );
-    let completion = json_stdout(&[
-        "chat",
-        "--model",
-        model,
-        "--backend",
-        "cpu",
-        "--request",
-        &plain,
-    ]);
+    let completion = json_stdout(&chat_args(model, &plain));
     assert_eq!(completion["object"], "chat.completion");
     assert!(completion["id"].as_str().unwrap().starts_with("chatcmpl-"));
     let choice = &completion["choices"][0];
@@ -191,15 +196,7 @@ fn chat_prints_openai_shaped_completions_and_chunks() {
         serde_json::json!({"messages": messages, "max_tokens": 6, "stream": true,
             "stream_options": {"include_usage": true}, "stop": ["zzz"]}),
     );
-    let args = [
-        "chat",
-        "--model",
-        model,
-        "--backend",
-        "cpu",
-        "--request",
-        &streamed,
-    ];
+    let args = chat_args(model, &streamed);
     let out = phi2(&args);
     assert!(
         out.status.success(),
@@ -234,15 +231,7 @@ fn chat_prints_openai_shaped_completions_and_chunks() {
                 {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["n"],
                  "additionalProperties": false}}}}),
     );
-    let completion = json_stdout(&[
-        "chat",
-        "--model",
-        model,
-        "--backend",
-        "cpu",
-        "--request",
-        &constrained,
-    ]);
+    let completion = json_stdout(&chat_args(model, &constrained));
     let content = completion["choices"][0]["message"]["content"]
         .as_str()
         .unwrap();
@@ -255,15 +244,7 @@ fn chat_prints_openai_shaped_completions_and_chunks() {
         serde_json::json!({"messages": messages, "tools": []}),
     );
     fails_with(
-        &[
-            "chat",
-            "--model",
-            model,
-            "--backend",
-            "cpu",
-            "--request",
-            &bad,
-        ],
+        &chat_args(model, &bad),
         &["option `tools`", "not supported"],
     );
 }

@@ -276,16 +276,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     params.validate()?;
     let (model, tokenizer) = load(&args.model)?;
-    let prompt_ids = tokenizer.encode(&args.prompt)?;
-    let mut grammars = LazyGrammars::default();
-    let mut session = Session::start(
-        &model,
-        &tokenizer,
-        &mut grammars,
-        &mut None,
-        prompt_ids,
-        params,
-    )?;
+    let mut session = new_session(&model, &tokenizer, &args.prompt, params)?;
     let mut stdout = std::io::stdout().lock();
     while let Some(token) = block_on(session.next(&model, &tokenizer))? {
         if !args.json {
@@ -308,6 +299,25 @@ fn generate(args: GenerateArgs) -> Result<()> {
     writeln!(stdout, "{out}").map_err(|e| Error::io("stdout", e))
 }
 
+/// A generation of `prompt` from an empty cache.
+fn new_session(
+    model: &phi2_web::Phi,
+    tokenizer: &PhiTokenizer,
+    prompt: &str,
+    params: SamplingParams,
+) -> Result<Session> {
+    let prompt_ids = tokenizer.encode(prompt)?;
+    let mut grammars = LazyGrammars::default();
+    Session::start(
+        model,
+        tokenizer,
+        &mut grammars,
+        &mut None,
+        prompt_ids,
+        params,
+    )
+}
+
 fn chat(args: ChatArgs) -> Result<()> {
     let text = match args.request.to_str() {
         Some("-") => {
@@ -323,16 +333,7 @@ fn chat(args: ChatArgs) -> Result<()> {
     let start = ChatRun::start(&request, id, nanos / 1_000_000_000, nanos)?;
     let (model, tokenizer) = load(&args.model)?;
     let mut run = start.run;
-    let prompt_ids = tokenizer.encode(&start.prompt)?;
-    let mut grammars = LazyGrammars::default();
-    let mut session = Session::start(
-        &model,
-        &tokenizer,
-        &mut grammars,
-        &mut None,
-        prompt_ids,
-        start.params,
-    )?;
+    let mut session = new_session(&model, &tokenizer, &start.prompt, start.params)?;
     let clock = Instant::now();
     let mut timings = Timings::start(0.0);
     let mut stdout = std::io::stdout().lock();
