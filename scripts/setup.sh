@@ -46,6 +46,19 @@ else
 fi
 log "wasm toolchain: $(cat .tools/wasm-toolchain)"
 
+# The threads build compiles std with atomics, from std's sources: rustup's rust-src where it
+# can be had, otherwise Debian's rustc-web with rust-web-src.
+if [ "$(cat .tools/wasm-toolchain)" = debian ] \
+    || ! { rustup component list --installed 2>/dev/null | grep -q '^rust-src' \
+        || timeout 90 rustup component add rust-src >/dev/null 2>&1; }; then
+    apt_install rustc-web rust-web-src
+    test -d /usr/lib/rustlib/src/rust/library || { echo "setup: rust-web-src has no std sources" >&2; exit 1; }
+    echo debian > .tools/wasm-threads-toolchain
+else
+    echo rustup > .tools/wasm-threads-toolchain
+fi
+log "wasm threads toolchain: $(cat .tools/wasm-threads-toolchain)"
+
 # wasm-bindgen-cli must match the wasm-bindgen crate exactly.
 bindgen_version=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
 if [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $bindgen_version" ]; then

@@ -50,10 +50,16 @@ impl BackendKind {
     /// which wgpu's WebGPU backend cannot see. The first call in a realm makes the device;
     /// later ones share it.
     #[cfg(target_arch = "wasm32")]
+    #[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
     pub async fn device(self, adapter_subgroups: bool) -> Result<Device> {
         match self {
             BackendKind::Cpu => Ok(Device::flex()),
+            #[cfg(feature = "gpu")]
             BackendKind::Wgpu => webgpu(adapter_subgroups).await.map(|gpu| gpu.device),
+            #[cfg(not(feature = "gpu"))]
+            BackendKind::Wgpu => Err(Error::Device(
+                "this wasm build runs on the CPU only (the package's threads build)".into(),
+            )),
         }
     }
 }
@@ -105,7 +111,7 @@ thread_local! {
     static WEB_GPU: std::cell::RefCell<Option<Gpu>> = const { std::cell::RefCell::new(None) };
 }
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "gpu"))]
 async fn webgpu(adapter_subgroups: bool) -> Result<Gpu> {
     if let Some(gpu) = made_gpu() {
         return Ok(gpu);

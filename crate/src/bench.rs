@@ -6,18 +6,27 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+#[cfg(feature = "gpu")]
 use burn::backend::Cube;
+#[cfg(feature = "gpu")]
 use burn::tensor::kind::Basic;
-use burn::tensor::{DType, Device, Element, Int, Tensor, TensorData};
+use burn::tensor::Device;
+#[cfg(feature = "gpu")]
+use burn::tensor::{DType, Element, Int, Tensor, TensorData};
 use cubecl::logging::{LaunchObservation, LaunchObserver};
+#[cfg(feature = "gpu")]
 use cubecl::prelude::CubeDim;
 use serde::Serialize;
 
 use crate::config::PhiConfig;
 use crate::constraint::{LazyGrammars, ResponseFormat};
-use crate::error::{Error, Result};
+#[cfg(feature = "gpu")]
+use crate::error::Error;
+use crate::error::Result;
 use crate::generation::{SamplingParams, Session, Timings};
-use crate::kernels::{buffer, cube, describe_device, empty_output, grid, is_cpu, WORKGROUP};
+use crate::kernels::describe_device;
+#[cfg(feature = "gpu")]
+use crate::kernels::{buffer, cube, empty_output, grid, is_cpu, WORKGROUP};
 use crate::memory::device_memory_usage;
 use crate::model::Phi;
 use crate::tokenizer::PhiTokenizer;
@@ -118,43 +127,55 @@ impl LaunchCounter {
 /// Device memory-copy bandwidth in GB/s (bytes read + written per second): `bytes` copied
 /// back and forth between two device buffers by the plainest kernel
 /// (`copy_words`), or by `memcpy` in host memory on the CPU backend.
+#[cfg_attr(not(feature = "gpu"), allow(unused_variables))] // device: a GPU's only
 pub async fn copy_bandwidth(device: &Device, bytes: u64, now_ms: &dyn Fn() -> f64) -> Result<f64> {
-    const REPEATS: usize = 8;
     let words = (bytes / 4).max(1) as usize;
-    let seconds = if is_cpu(device) {
-        let mut a: Vec<u32> = (0..words as u32).collect();
-        let mut b = vec![0u32; words];
-        let started = now_ms();
-        for _ in 0..REPEATS {
-            b.copy_from_slice(&a);
-            std::mem::swap(&mut a, &mut b);
-        }
-        let seconds = (now_ms() - started) / 1000.0;
-        std::hint::black_box(&a);
-        seconds
-    } else {
-        let source: Vec<u32> = (0..words as u32).collect();
-        let mut a =
-            Tensor::<1, Int>::from_data(TensorData::new(source, [words]), (device, DType::U32));
-        let mut b = copy_words(&a); // compiles the kernel, allocates
-        last_value::<_, u64>(b.clone(), words).await?;
-        let started = now_ms();
-        for _ in 0..REPEATS {
-            b = copy_words(&a);
-            std::mem::swap(&mut a, &mut b);
-        }
-        // Reading the last copy's last word waits for every copy before it.
-        let last: u64 = last_value(a, words).await?;
-        let seconds = (now_ms() - started) / 1000.0;
-        if last != words as u64 - 1 {
-            return Err(Error::Device(format!(
-                "the copy benchmark read back {last}, not {}",
-                words - 1
-            )));
-        }
-        seconds
-    };
-    Ok(2.0 * (words * 4) as f64 * REPEATS as f64 / seconds / 1e9)
+    let rate = |seconds: f64| 2.0 * (words * 4) as f64 * COPY_REPEATS as f64 / seconds / 1e9;
+    #[cfg(feature = "gpu")]
+    if !is_cpu(device) {
+        return Ok(rate(device_copy_seconds(device, words, now_ms).await?));
+    }
+    let mut a: Vec<u32> = (0..words as u32).collect();
+    let mut b = vec![0u32; words];
+    let started = now_ms();
+    for _ in 0..COPY_REPEATS {
+        b.copy_from_slice(&a);
+        std::mem::swap(&mut a, &mut b);
+    }
+    let seconds = (now_ms() - started) / 1000.0;
+    std::hint::black_box(&a);
+    Ok(rate(seconds))
+}
+
+/// Copies of a buffer back and forth in [`copy_bandwidth`].
+const COPY_REPEATS: usize = 8;
+
+/// Seconds [`copy_bandwidth`]'s copies take on a GPU device.
+#[cfg(feature = "gpu")]
+async fn device_copy_seconds(
+    device: &Device,
+    words: usize,
+    now_ms: &dyn Fn() -> f64,
+) -> Result<f64> {
+    let source: Vec<u32> = (0..words as u32).collect();
+    let mut a = Tensor::<1, Int>::from_data(TensorData::new(source, [words]), (device, DType::U32));
+    let mut b = copy_words(&a); // compiles the kernel, allocates
+    last_value::<_, u64>(b.clone(), words).await?;
+    let started = now_ms();
+    for _ in 0..COPY_REPEATS {
+        b = copy_words(&a);
+        std::mem::swap(&mut a, &mut b);
+    }
+    // Reading the last copy's last word waits for every copy before it.
+    let last: u64 = last_value(a, words).await?;
+    let seconds = (now_ms() - started) / 1000.0;
+    if last != words as u64 - 1 {
+        return Err(Error::Device(format!(
+            "the copy benchmark read back {last}, not {}",
+            words - 1
+        )));
+    }
+    Ok(seconds)
 }
 
 /// The device's multiply-add rate in GMAC/s (`multiply_adds`): the best of 4, 8 and 16
@@ -162,12 +183,20 @@ pub async fn copy_bandwidth(device: &Device, bytes: u64, now_ms: &dyn Fn() -> f6
 /// which wins depends on the adapter), each on a grid of threads large enough to
 /// fill a big GPU, made 2× longer until a run takes 0.2 s (so no dispatch takes much over
 /// 0.4 s: a long one can freeze a shared GPU's display). None on the CPU backend.
+#[cfg_attr(not(feature = "gpu"), allow(unused_variables))] // device: a GPU's only
 pub async fn peak_multiply_adds(device: &Device, now_ms: &dyn Fn() -> f64) -> Result<Option<f64>> {
+    #[cfg(feature = "gpu")]
+    if !is_cpu(device) {
+        return device_multiply_adds(device, now_ms).await.map(Some);
+    }
+    Ok(None)
+}
+
+/// [`peak_multiply_adds`] on a GPU device.
+#[cfg(feature = "gpu")]
+async fn device_multiply_adds(device: &Device, now_ms: &dyn Fn() -> f64) -> Result<f64> {
     const THREADS: usize = 1 << 18;
     const MAX_ITERATIONS: u32 = 1 << 22;
-    if is_cpu(device) {
-        return Ok(None);
-    }
     let run = |iterations: u32, chains: usize| {
         let sums = multiply_adds(device, THREADS, iterations, chains);
         last_value::<_, f32>(sums, THREADS)
@@ -195,7 +224,7 @@ pub async fn peak_multiply_adds(device: &Device, now_ms: &dyn Fn() -> f64) -> Re
             iterations *= 2;
         }
     }
-    Ok(Some(best))
+    Ok(best)
 }
 
 /// Multiply-adds per prompt token in a prefill of `tokens`: every layer's linear weights for
@@ -216,6 +245,7 @@ fn prefill_multiply_adds_per_token(config: &PhiConfig, tokens: usize) -> f64 {
 }
 
 /// The last of a device vector's `len` values, read back (which waits for the work before it).
+#[cfg(feature = "gpu")]
 async fn last_value<K, T>(values: Tensor<1, K>, len: usize) -> Result<T>
 where
     K: Basic,
@@ -327,6 +357,7 @@ pub async fn run(
 }
 
 /// A copy of `words` made by the plainest kernel: one read and one write per word.
+#[cfg(feature = "gpu")]
 fn copy_words(words: &Tensor<1, Int>) -> Tensor<1, Int> {
     let len = words.dims()[0];
     let input = cube(words.clone());
@@ -348,6 +379,7 @@ fn copy_words(words: &Tensor<1, Int>) -> Tensor<1, Int> {
 /// `threads` × `iterations` × `chains` multiply-adds in registers
 /// ([`shader::mul_add_kernel`]); each thread's output is `chains / 2` once `iterations` ≥ 64
 /// (every chain, starting at most at 22.125, converges to 0.5).
+#[cfg(feature = "gpu")]
 fn multiply_adds(device: &Device, threads: usize, iterations: u32, chains: usize) -> Tensor<1> {
     let params = Tensor::<1>::from_data(TensorData::new(vec![0.5f32, 0.25, 0.125], [3]), device);
     let params = cube(params);
@@ -367,6 +399,7 @@ fn multiply_adds(device: &Device, threads: usize, iterations: u32, chains: usize
     Tensor::from_primitive::<Cube>(output)
 }
 
+#[cfg(feature = "gpu")]
 mod shader {
     use cubecl::prelude::*;
 

@@ -9,7 +9,7 @@ use cubecl::{MemoryReport, MemoryScope, MemoryUsage};
 use serde::Serialize;
 
 use crate::config::PhiConfig;
-use crate::kernels::{client_of, is_cpu};
+use crate::kernels::client_of;
 use crate::quant::{padded_cols, BLOCK};
 use crate::weights::assembler::{mlp_width, FusedLinear};
 use crate::weights::bundle::{Manifest, TensorDtype};
@@ -186,7 +186,7 @@ fn activation_buffers(config: &PhiConfig, tokens: usize, context: usize) -> Buff
 
 /// What the device's allocator holds now, pool by pool (`None` on burn's CPU backend).
 pub fn device_memory(device: &Device) -> Option<MemoryReport> {
-    (!is_cpu(device)).then(|| client_of(device).memory_report(MemoryScope::Device))
+    client_of(device).map(|client| client.memory_report(MemoryScope::Device))
 }
 
 /// [`device_memory`] summed over every pool. Freed memory stays pooled for reuse, so after a

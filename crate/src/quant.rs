@@ -13,9 +13,9 @@ use half::slice::HalfFloatSliceExt;
 
 pub const BLOCK: usize = 32;
 
-/// Rows one task of the native CPU matmul computes: enough to outweigh scheduling, few enough
-/// to share a 2560-row matrix among many cores.
-#[cfg(not(target_arch = "wasm32"))]
+/// Rows one task of the threaded CPU matmul computes: enough to outweigh scheduling, few
+/// enough to share a 2560-row matrix among many cores.
+#[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
 const ROWS_PER_TASK: usize = 64;
 
 /// A block of 32 activations in the order its codes come out of their 4 words: entry `[i][j]`
@@ -253,7 +253,8 @@ impl Q4Matrix {
 
     /// `x · Wᵀ` for `x: [tokens, cols]` (row-major), giving `[tokens, rows]`: the CPU
     /// backend's 4-bit matmul. Each block's products are summed before its scale multiplies
-    /// them, as the GPU kernels do. Natively the rows are shared among the cores.
+    /// them, as the GPU kernels do. The rows are shared among rayon's threads natively and in
+    /// the `threads` wasm build.
     pub fn matmul(&self, x: &[f32], tokens: usize) -> Vec<f32> {
         let blocks = self.blocks_per_row();
         let x = nibble_ordered(x, tokens, self.cols, blocks);
@@ -264,7 +265,7 @@ impl Q4Matrix {
                 self.row_products(first + i, &x, &mut scales, out);
             }
         };
-        #[cfg(not(target_arch = "wasm32"))]
+        #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
         {
             use rayon::prelude::*;
             let rows_per_task = ROWS_PER_TASK.min(self.rows.max(1));
@@ -273,7 +274,7 @@ impl Q4Matrix {
                 .enumerate()
                 .for_each(|(task, out)| rows_of(task * rows_per_task, out));
         }
-        #[cfg(target_arch = "wasm32")]
+        #[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
         rows_of(0, &mut by_row);
         // [rows, tokens] → [tokens, rows].
         let mut out = vec![0.0f32; tokens * self.rows];

@@ -63,11 +63,20 @@ extern "C" {
 /// own, wasm-ld runs them again at the start of every exported function, and JS calls into
 /// the module dozens of times per kernel launch (wgpu's WebGPU bindings): that cost held even
 /// a 2-layer model's decoding in Chromium to a few tokens a second (BENCHMARKS.md).
+/// In the `threads` build every worker of the pool starts the module too, on the same memory:
+/// the constructors must still run only once.
 #[wasm_bindgen(start)]
 fn run_static_constructors() {
+    static CONSTRUCTED: std::sync::Once = std::sync::Once::new();
     // Safety: the linker's constructor entry point, called once before any other export.
-    unsafe { __wasm_call_ctors() }
+    CONSTRUCTED.call_once(|| unsafe { __wasm_call_ctors() });
 }
+
+/// `initThreadPool(threads)`: starts rayon's pool on that many Web Workers (the engine's worker
+/// then waits while they compute; it must not be a page's main thread, which may not block).
+#[cfg(feature = "threads")]
+#[allow(unused_imports)] // exported to JS by its own #[wasm_bindgen]; this links it in
+pub use wasm_bindgen_rayon::init_thread_pool;
 
 /// A JS `Error` with the crate error's kind as `name` and what it concerns as `details`.
 fn js_error(e: Error) -> JsValue {

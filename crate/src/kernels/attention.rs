@@ -2,11 +2,16 @@
 //! the way and the new keys and values written into the cache: two kernel launches on GPU
 //! backends (for what burn's ops do in about forty), tensor ops on burn's CPU backend.
 
+#[cfg(feature = "gpu")]
 use burn::backend::Cube;
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+#[cfg(feature = "gpu")]
+use burn::tensor::DType;
+use burn::tensor::{Device, Tensor, TensorData};
+#[cfg(feature = "gpu")]
 use cubecl::prelude::{BufferArg, CubeDim};
 
+#[cfg(feature = "gpu")]
 use super::{buffer, cube, grid, is_cpu, WORKGROUP};
 
 /// Added to masked attention scores on the CPU path. Large and finite, as in the kernels'
@@ -34,11 +39,12 @@ pub fn attention(
     start: usize,
     scale: f32,
 ) -> (Tensor<2>, LayerCache) {
-    if is_cpu(&inner.device()) {
-        return cpu_attention(inner, q_at, cache, rotary, start, scale);
+    #[cfg(feature = "gpu")]
+    if !is_cpu(&inner.device()) {
+        let inner = gpu_attention(inner, q_at, &cache, rotary, start, scale);
+        return (inner, cache);
     }
-    let inner = gpu_attention(inner, q_at, &cache, rotary, start, scale);
-    (inner, cache)
+    cpu_attention(inner, q_at, cache, rotary, start, scale)
 }
 
 /// [`attention`] with burn's tensor ops.
@@ -115,6 +121,7 @@ fn causal_mask(start: usize, count: usize, device: &Device) -> Tensor<3> {
 
 /// [`attention`]'s two kernels: scores with the rotary embedding (and the cache write), then
 /// softmax and values.
+#[cfg(feature = "gpu")]
 fn gpu_attention(
     inner: Tensor<2>,
     q_at: usize,
@@ -188,6 +195,7 @@ fn gpu_attention(
     Tensor::from_primitive::<Cube>(inner)
 }
 
+#[cfg(feature = "gpu")]
 mod shader {
     use cubecl::prelude::*;
 

@@ -1,17 +1,23 @@
 //! LayerNorm over the last dimension: one kernel launch on GPU backends (for what burn's ops
 //! do in about nine), tensor ops on burn's CPU backend.
 
+#[cfg(feature = "gpu")]
 use burn::backend::Cube;
-use burn::tensor::{DType, Tensor};
+#[cfg(feature = "gpu")]
+use burn::tensor::DType;
+use burn::tensor::Tensor;
+#[cfg(feature = "gpu")]
 use cubecl::prelude::CubeDim;
 
+use super::KernelPlan;
+#[cfg(feature = "gpu")]
 use super::{
-    buffer, cube, empty_output, grid, is_cpu, subgroup_workgroup, KernelPlan, SOFTWARE_WORKGROUP,
-    WORKGROUP,
+    buffer, cube, empty_output, grid, is_cpu, subgroup_workgroup, SOFTWARE_WORKGROUP, WORKGROUP,
 };
 
 /// LayerNorm of each row of `x: [rows, cols]`, as transformers computes it (the biased
 /// variance), with the kernels of `plan` on a GPU.
+#[cfg_attr(not(feature = "gpu"), allow(unused_variables))] // plan: the kernels'
 pub fn layer_norm(
     x: Tensor<2>,
     weight: &Tensor<1>,
@@ -19,11 +25,24 @@ pub fn layer_norm(
     eps: f64,
     plan: KernelPlan,
 ) -> Tensor<2> {
-    if is_cpu(&x.device()) {
-        let (var, mean) = x.clone().var_mean_bias(1);
-        let normed = (x - mean) / (var + eps).sqrt();
-        return normed * weight.clone().unsqueeze::<2>() + bias.clone().unsqueeze::<2>();
+    #[cfg(feature = "gpu")]
+    if !is_cpu(&x.device()) {
+        return gpu_layer_norm(x, weight, bias, eps, plan);
     }
+    let (var, mean) = x.clone().var_mean_bias(1);
+    let normed = (x - mean) / (var + eps).sqrt();
+    normed * weight.clone().unsqueeze::<2>() + bias.clone().unsqueeze::<2>()
+}
+
+/// [`layer_norm`]'s kernel.
+#[cfg(feature = "gpu")]
+fn gpu_layer_norm(
+    x: Tensor<2>,
+    weight: &Tensor<1>,
+    bias: &Tensor<1>,
+    eps: f64,
+    plan: KernelPlan,
+) -> Tensor<2> {
     let [rows, cols] = x.dims();
     let x = cube(x);
     let (weight, bias) = (cube(weight.clone()), cube(bias.clone()));
@@ -55,6 +74,7 @@ pub fn layer_norm(
     Tensor::from_primitive::<Cube>(out)
 }
 
+#[cfg(feature = "gpu")]
 mod shader {
     use cubecl::prelude::*;
 

@@ -20,14 +20,22 @@ pub use layer_norm::layer_norm;
 pub use plan::{describe_device, KernelChoice, KernelOptions, KernelPlan};
 pub use q4::Q4Weight;
 
+#[cfg(feature = "gpu")]
 use burn::backend::wgpu::CubeTensor;
-use burn::backend::{Cube, DispatchDevice};
+#[cfg(feature = "gpu")]
+use burn::backend::Cube;
+use burn::backend::DispatchDevice;
+#[cfg(feature = "gpu")]
 use burn::tensor::kind::Basic;
-use burn::tensor::{BackendPrimitive, DType, Device, Shape, Tensor};
+#[cfg(feature = "gpu")]
+use burn::tensor::{BackendPrimitive, DType, Shape};
+use burn::tensor::{Device, Tensor};
 use cubecl::client::Client;
+#[cfg(feature = "gpu")]
 use cubecl::prelude::{BufferArg, CubeCount};
 
 /// Threads per workgroup (at least one subgroup for the subgroup kernels).
+#[cfg(feature = "gpu")]
 pub(crate) const WORKGROUP: u32 = 64;
 
 /// Threads per workgroup on a software adapter (a CPU emulating a GPU: llvmpipe,
@@ -75,12 +83,20 @@ impl Epilogue {
     }
 }
 
-pub(crate) fn client_of(device: &Device) -> Client {
-    cube(Tensor::<1>::zeros([1], device)).client
+/// The cubecl client of a GPU device; `None` on burn's CPU backend, the only backend of a
+/// build without the `gpu` feature.
+#[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
+pub(crate) fn client_of(device: &Device) -> Option<Client> {
+    #[cfg(feature = "gpu")]
+    if !is_cpu(device) {
+        return Some(cube(Tensor::<1>::zeros([1], device)).client);
+    }
+    None
 }
 
 /// Threads in a workgroup that holds at least one whole subgroup of the largest size the
 /// adapter reports, and that size.
+#[cfg(feature = "gpu")]
 fn subgroup_workgroup(client: &Client) -> (u32, u32) {
     let plane_max = client.properties().hardware.plane_size_max.max(1);
     (WORKGROUP.max(plane_max), plane_max)
@@ -89,12 +105,14 @@ fn subgroup_workgroup(client: &Client) -> (u32, u32) {
 /// `cubes` workgroups. Past WebGPU's per-dimension limit (65535) the grid wraps into a second
 /// dimension; the kernels index by `ABSOLUTE_POS`/`CUBE_POS`, which count across dimensions,
 /// and skip what lies past their end.
+#[cfg(feature = "gpu")]
 pub(crate) fn grid(cubes: usize) -> CubeCount {
     const ROW: usize = 32768;
     CubeCount::Static(cubes.min(ROW) as u32, cubes.div_ceil(ROW) as u32, 1)
 }
 
 /// An uninitialised contiguous tensor of `shape` on `like`'s device, for a kernel to write.
+#[cfg(feature = "gpu")]
 pub(crate) fn empty_output<const D: usize>(
     like: &CubeTensor,
     shape: [usize; D],
@@ -113,6 +131,7 @@ pub(crate) fn empty_output<const D: usize>(
 }
 
 /// A contiguous tensor's elements as a kernel's buffer argument.
+#[cfg(feature = "gpu")]
 pub(crate) fn buffer(t: &CubeTensor) -> BufferArg {
     assert!(t.is_contiguous(), "kernel buffers are contiguous");
     let len = t.meta.shape().iter().product::<usize>();
@@ -121,6 +140,7 @@ pub(crate) fn buffer(t: &CubeTensor) -> BufferArg {
 }
 
 /// The cubecl tensor behind a tensor on a GPU device.
+#[cfg(feature = "gpu")]
 pub(crate) fn cube<const D: usize, K>(tensor: Tensor<D, K>) -> CubeTensor
 where
     K: Basic + BackendPrimitive<Cube, Primitive = CubeTensor>,

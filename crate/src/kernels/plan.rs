@@ -7,7 +7,7 @@ use cubecl::client::Client;
 use cubecl::features::{Plane, TypeUsage};
 use cubecl::ir::{ElemType, FloatKind};
 
-use super::{client_of, is_cpu, SOFTWARE_WORKGROUP};
+use super::{client_of, SOFTWARE_WORKGROUP};
 use crate::backend::adapter_subgroups;
 use crate::error::{Error, Result};
 
@@ -96,14 +96,15 @@ impl KernelPlan {
     /// where no kernel runs. Fails when the choice needs what the adapter lacks: subgroup
     /// kernels there would fail to compile at the first matmul, deep inside generation.
     pub fn for_device(device: &Device, options: KernelOptions) -> Result<KernelPlan> {
-        let Some(offered) = KernelPlan::offered(device) else {
+        let Some(client) = client_of(device) else {
             return Ok(KernelPlan::PORTABLE);
         };
+        let offered = KernelPlan::offered_by(device, &client);
         let shape = match options.kernels {
             KernelChoice::Auto => offered,
             KernelChoice::Portable => KernelPlan::PORTABLE,
             KernelChoice::Subgroups if !adapter_subgroups(device) => {
-                let adapter = client_of(device).properties().identity.name.clone();
+                let adapter = client.properties().identity.name.clone();
                 return Err(Error::option(
                     "kernels",
                     format!(
@@ -146,22 +147,24 @@ impl KernelPlan {
 
     /// Everything `device`'s adapter offers; `None` on the CPU backend.
     fn offered(device: &Device) -> Option<KernelPlan> {
-        (!is_cpu(device)).then(|| {
-            let client = client_of(device);
-            let props = client.properties().clone();
-            // cubecl describes no physical device for a software adapter.
-            let software = props.identity.physical.is_none();
-            KernelPlan {
-                subgroups: props.features.plane.contains(Plane::Ops),
-                f16: props
-                    .type_usage(ElemType::Float(FloatKind::F16))
-                    .contains(TypeUsage::Arithmetic),
-                software,
-                shared_loads: software
-                    && adapter_subgroups(device)
-                    && shared_load_lanes(&client).is_some(),
-            }
-        })
+        client_of(device).map(|client| KernelPlan::offered_by(device, &client))
+    }
+
+    /// Everything the adapter of `device`, a GPU with `client`, offers.
+    fn offered_by(device: &Device, client: &Client) -> KernelPlan {
+        let props = client.properties();
+        // cubecl describes no physical device for a software adapter.
+        let software = props.identity.physical.is_none();
+        KernelPlan {
+            subgroups: props.features.plane.contains(Plane::Ops),
+            f16: props
+                .type_usage(ElemType::Float(FloatKind::F16))
+                .contains(TypeUsage::Arithmetic),
+            software,
+            shared_loads: software
+                && adapter_subgroups(device)
+                && shared_load_lanes(client).is_some(),
+        }
     }
 
     /// Every plan `device` can run (any device runs either thread shape).
@@ -206,10 +209,11 @@ impl KernelPlan {
 /// What the device is, for benchmark reports and the package's `info.device`: its adapter's
 /// name, what it offers and which kernels `plan` runs there.
 pub fn describe_device(device: &Device, plan: KernelPlan) -> String {
-    let Some(offered) = KernelPlan::offered(device) else {
+    let Some(client) = client_of(device) else {
         return "cpu (burn-flex)".to_string();
     };
-    let props = client_of(device).properties().clone();
+    let offered = KernelPlan::offered_by(device, &client);
+    let props = client.properties();
     // The adapter's feature: cubecl reports none for a software adapter that has them.
     let subgroups = offered.subgroups || adapter_subgroups(device);
     format!(

@@ -4,28 +4,38 @@
 
 use std::sync::Arc;
 
+#[cfg(feature = "gpu")]
 use burn::backend::Cube;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+#[cfg(feature = "gpu")]
+use burn::tensor::{DType, Int};
+use burn::tensor::{Device, Tensor, TensorData};
+#[cfg(feature = "gpu")]
 use cubecl::prelude::CubeDim;
 
-use super::plan::{shared_load_lanes, KernelPlan, SOFTWARE_ROWS_PER_WORKER};
+use super::plan::KernelPlan;
+#[cfg(feature = "gpu")]
+use super::plan::{shared_load_lanes, SOFTWARE_ROWS_PER_WORKER};
+use super::Epilogue;
+#[cfg(feature = "gpu")]
 use super::{
-    buffer, cube, empty_output, grid, is_cpu, subgroup_workgroup, Epilogue, SOFTWARE_WORKGROUP,
-    WORKGROUP,
+    buffer, cube, empty_output, grid, is_cpu, subgroup_workgroup, SOFTWARE_WORKGROUP, WORKGROUP,
 };
 use crate::quant::Q4Matrix;
 
 /// Tokens a matmul thread (or subgroup) handles together in a prefill.
+#[cfg(feature = "gpu")]
 const PREFILL_TILE: usize = 8;
 
 /// Tokens a matmul thread handles together in a prefill on a software adapter: 8 was faster
 /// still, but lavapipe took several times as long to compile that shader (BENCHMARKS.md).
+#[cfg(feature = "gpu")]
 const SOFTWARE_PREFILL_TILE: usize = 4;
 
 /// A 4-bit weight `[rows = out features, cols = in features]` where the model runs.
 #[allow(clippy::large_enum_variant)] // a few per model, not worth a box
 pub enum Q4Weight {
     /// Codes and f16-pair scale words as u32 tensors on a GPU device.
+    #[cfg(feature = "gpu")]
     Device {
         codes: Tensor<1, Int>,
         scales: Tensor<1, Int>,
@@ -37,10 +47,17 @@ pub enum Q4Weight {
 }
 
 impl Q4Weight {
+    #[cfg_attr(not(feature = "gpu"), allow(unused_variables))] // device: a GPU's only
     pub fn upload(matrix: Q4Matrix, device: &Device) -> Self {
-        if is_cpu(device) {
-            return Q4Weight::Host(Arc::new(matrix));
+        #[cfg(feature = "gpu")]
+        if !is_cpu(device) {
+            return Q4Weight::on_gpu(matrix, device);
         }
+        Q4Weight::Host(Arc::new(matrix))
+    }
+
+    #[cfg(feature = "gpu")]
+    fn on_gpu(matrix: Q4Matrix, device: &Device) -> Self {
         let words = |w: Vec<u32>| {
             let len = w.len();
             Tensor::<1, Int>::from_data(TensorData::new(w, [len]), (device, DType::U32))
@@ -61,6 +78,7 @@ impl Q4Weight {
     /// `[rows, cols]`.
     pub fn shape(&self) -> [usize; 2] {
         match self {
+            #[cfg(feature = "gpu")]
             Q4Weight::Device { rows, cols, .. } => [*rows, *cols],
             Q4Weight::Host(m) => [m.rows, m.cols],
         }
@@ -76,6 +94,7 @@ impl Q4Weight {
     /// table itself is never expanded).
     pub fn rows_of(&self, ids: &[u32], device: &Device) -> Tensor<2> {
         match self {
+            #[cfg(feature = "gpu")]
             Q4Weight::Device {
                 codes,
                 scales,
@@ -95,6 +114,7 @@ impl Q4Weight {
     /// `x · Wᵀ + bias` for `x: [tokens, cols]`, then `then`, giving `[tokens, rows]`: on a GPU
     /// one launch of the kernels `plan` names (which the device must support: see
     /// [`KernelPlan::supported`]); on the CPU backend the host loop.
+    #[cfg_attr(not(feature = "gpu"), allow(unused_variables))] // plan: the kernels'
     pub fn matmul(
         &self,
         x: Tensor<2>,
@@ -103,6 +123,7 @@ impl Q4Weight {
         plan: KernelPlan,
     ) -> Tensor<2> {
         match self {
+            #[cfg(feature = "gpu")]
             Q4Weight::Device {
                 codes,
                 scales,
@@ -136,6 +157,7 @@ fn cpu_matmul(x: Tensor<2>, matrix: &Q4Matrix, bias: &Tensor<1>) -> Tensor<2> {
     Tensor::from_data(TensorData::new(out, [tokens, matrix.rows]), &device)
 }
 
+#[cfg(feature = "gpu")]
 fn gpu_rows(
     ids: &[u32],
     codes: &Tensor<1, Int>,
@@ -168,6 +190,7 @@ fn gpu_rows(
 }
 
 #[allow(clippy::too_many_arguments)] // a weight's parts, the input and how to run it
+#[cfg(feature = "gpu")]
 fn gpu_matmul(
     x: Tensor<2>,
     codes: &Tensor<1, Int>,
@@ -261,6 +284,7 @@ fn gpu_matmul(
     Tensor::from_primitive::<Cube>(out)
 }
 
+#[cfg(feature = "gpu")]
 mod shader {
     use cubecl::prelude::*;
 
