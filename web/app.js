@@ -61,6 +61,8 @@ const state = {
   worker: params.get('worker') !== '0',
   /** The package's `kernels` option (?kernels=portable, e.g. around a driver's subgroup bug). */
   kernels: params.get('kernels') ?? 'auto',
+  /** The CPU backend's threads (?threads=N; by default the package's: every core it may use). */
+  threads: params.has('threads') ? Number(params.get('threads')) : undefined,
   hasWebGPU: null,
   /** Chat mode: the transcript sent to the model, and its turns for display. */
   transcript: '',
@@ -402,7 +404,8 @@ class ProgressView {
 
 function showModelInfo(model) {
   const info = model.info ?? {};
-  const backend = info.backend === 'webgpu' ? 'WebGPU' : info.backend === 'cpu' ? 'the CPU (slow)' : String(info.backend);
+  const cpu = `the CPU (slow; ${info.threads === 1 ? 'one thread' : `${info.threads} threads`})`;
+  const backend = info.backend === 'webgpu' ? 'WebGPU' : info.backend === 'cpu' ? cpu : String(info.backend);
   const line = document.createElement('div');
   line.textContent = `Running on ${backend} · context ${info.contextLength ?? '?'} tokens · ` +
     `${mb(info.totalBytes ?? 0)} MB of weights · loaded in ${fixed((info.loadMs ?? 0) / 1000)} s` +
@@ -448,6 +451,7 @@ async function loadModel(url, backend, onEvent = () => {}) {
       backend,
       worker: state.worker,
       kernels: state.kernels,
+      threads: state.threads,
       cache: true,
       // Ask that the 1.6 GB stay cached under storage pressure (model.info.persisted says).
       persist: true,

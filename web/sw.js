@@ -68,6 +68,26 @@ function isShellPath(path) {
   return BASE_FILES.includes(path) || (path.startsWith(PKG_DIR) && path.length > PKG_DIR.length);
 }
 
+/**
+ * The headers that make the page cross-origin isolated, which shared memory needs: the
+ * package's CPU backend then runs on several threads. A page this worker serves has them from
+ * its second load on (the first is served before the worker controls it), whatever the
+ * server sends. Every file the page uses is same-origin or fetched with CORS, so
+ * require-corp blocks nothing it needs.
+ */
+const ISOLATION_HEADERS = {
+  'Cross-Origin-Opener-Policy': 'same-origin',
+  'Cross-Origin-Embedder-Policy': 'require-corp',
+};
+
+/** `response` with the isolation headers (opaque responses cannot be rebuilt, nor need it). */
+function isolated(response) {
+  if (response.type === 'opaque' || response.type === 'opaqueredirect') return response;
+  const headers = new Headers(response.headers);
+  for (const [name, value] of Object.entries(ISOLATION_HEADERS)) headers.set(name, value);
+  return new Response(response.body, { status: response.status, statusText: response.statusText, headers });
+}
+
 /** Whether two responses are the same version of a file (so storing the new one is pointless). */
 function sameVersion(cached, fresh) {
   const etag = fresh.headers.get('etag');
@@ -130,10 +150,10 @@ self.addEventListener('fetch', (event) => {
       if (key && response.ok && response.type === 'basic') {
         event.waitUntil(refresh(key, response.clone()));
       }
-      return response;
+      return isolated(response);
     } catch (error) {
       const fallback = await fromCache(navigate ? [key ?? here('index.html'), here('index.html'), here('')] : [key]);
-      if (fallback) return fallback;
+      if (fallback) return isolated(fallback);
       throw error;
     }
   })());

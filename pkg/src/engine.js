@@ -3,14 +3,13 @@
 // generations. The same code runs inside the package's Web Worker (worker.js) and, with
 // `worker: false`, on the calling thread.
 
-import { BundleLoading } from './wasm/phi2_web.js';
 import { manifestUrl, openCache } from './cache.js';
 import { abortError, Phi2Error } from './errors.js';
 import {
   DEFAULT_CONCURRENCY, fetchBundle, fetchManifest, STALL_MS, withBundleLock,
 } from './loader.js';
 import { requirements, shortfall } from './requirements.js';
-import { startWasm, wasmMemoryBytes } from './wasm-module.js';
+import { startEngineWasm, startWasm, wasmMemoryBytes } from './wasm-module.js';
 import {
   chooseBackend, deviceLost, nameDevice, resolveKernels,
 } from './webgpu.js';
@@ -58,7 +57,7 @@ function modelError(error) {
 function loadSettings(options) {
   const {
     onProgress = () => {}, signal, cache = true, backend = 'auto', concurrency = DEFAULT_CONCURRENCY,
-    wasmUrl, stallTimeoutMs: stallMs = STALL_MS, f16 = false, kernels = 'auto', contextLength,
+    wasmUrl, stallTimeoutMs: stallMs = STALL_MS, f16 = false, kernels = 'auto', contextLength, threads,
   } = options ?? {};
   if (!['auto', 'webgpu', 'cpu'].includes(backend)) {
     throw new Phi2Error('OptionError', `backend "${backend}" is not one of auto, webgpu, cpu`, { option: 'backend' });
@@ -75,18 +74,20 @@ function loadSettings(options) {
   if (contextLength !== undefined && !(Number.isInteger(contextLength) && contextLength >= 1)) {
     throw new Phi2Error('OptionError', `contextLength ${contextLength} is not a positive integer`, { option: 'contextLength' });
   }
+  if (threads !== undefined && !(Number.isInteger(threads) && threads >= 1 && threads <= 256)) {
+    throw new Phi2Error('OptionError', `threads ${threads} is not an integer in 1..256`, { option: 'threads' });
+  }
   signal?.throwIfAborted();
-  return { onProgress, signal, cache, backend, concurrency, wasmUrl, stallMs, f16: Boolean(f16), kernels, contextLength };
+  return { onProgress, signal, cache, backend, concurrency, wasmUrl, stallMs, f16: Boolean(f16), kernels, contextLength, threads };
 }
 
 /**
- * What a load and `requirements` both need first: the wasm module, the backend and its
- * adapter, the kernels, the cache and the manifest's URL.
+ * What a load and `requirements` both need first (besides the wasm module): the backend and
+ * its adapter, the kernels, the cache and the manifest's URL.
  * @param {string} url
  * @param {ReturnType<typeof loadSettings>} settings
  */
 async function prepare(url, settings) {
-  await startWasm(settings.wasmUrl);
   const chosen = await chooseBackend(settings.backend);
   if (chosen.backend === 'webgpu' && deviceLost()) throw modelError();
   const kernels = resolveKernels(settings.kernels, chosen.adapter);
@@ -134,7 +135,8 @@ export class Engine {
     const signal = callerSignal ? AbortSignal.any([callerSignal, stopDownloads.signal]) : stopDownloads.signal;
     const started = performance.now();
     const { chosen, kernels, cache, href } = await prepare(url, settings);
-    const warnings = new Set();
+    const { wasm, threads, note } = await startEngineWasm({ backend: chosen.backend, wasmUrl: settings.wasmUrl, threads: settings.threads });
+    const warnings = new Set(note ? [note] : []);
     /** @type {import('./wasm/phi2_web.js').BundleLoading | undefined} Freed if the load fails. */
     let loading;
     try {
@@ -142,12 +144,12 @@ export class Engine {
       const wait = () => onProgress({ phase: 'wait', loadedBytes: 0, totalBytes: 0, chunk: 0, chunks: 0 });
       const fetched = await withBundleLock(href, cache, signal, wait, async () => {
         const manifestFile = await fetchManifest(cache, href, signal, stallMs);
-        const needs = await requirements(href, manifestFile, { cache, ...chosen, f16: settings.f16, contextLength: settings.contextLength });
+        const needs = await requirements(href, manifestFile, { wasm, cache, ...chosen, f16: settings.f16, contextLength: settings.contextLength });
         const missing = shortfall(needs);
         if (missing) throw missing;
         for (const warning of needs.warnings) warnings.add(warning);
         // The device has subgroups wherever the adapter offers them (watchDevices asks).
-        loading = await BundleLoading.start(
+        loading = await wasm.BundleLoading.start(
           manifestFile.bytes, href, chosen.backend, settings.f16, kernels,
           Boolean(chosen.adapter?.features.has('subgroups')), settings.contextLength,
         );
@@ -171,6 +173,7 @@ export class Engine {
         loadMs: performance.now() - started,
         peakBufferedBytes,
         wasmMemoryBytes: wasmMemoryBytes(),
+        threads,
         requirements: needs,
         persisted: needs.storage?.persisted ?? false,
         shared: false,
@@ -195,8 +198,9 @@ export class Engine {
   static async requirements(url, options = {}) {
     const settings = loadSettings(options);
     const { chosen, cache, href } = await prepare(url, settings);
+    const wasm = await startWasm(settings.wasmUrl);
     const manifestFile = await fetchManifest(cache, href, settings.signal, settings.stallMs);
-    return requirements(href, manifestFile, { cache, ...chosen, f16: settings.f16, contextLength: settings.contextLength });
+    return requirements(href, manifestFile, { wasm, cache, ...chosen, f16: settings.f16, contextLength: settings.contextLength });
   }
 
   /**

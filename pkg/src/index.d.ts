@@ -80,6 +80,12 @@ export interface LoadOptions {
   /** Tokens of context, prompt and output together (default and at most the model's, 2048 for
    * Phi-2): the KV cache, most of what the model needs beside its weights, scales with it. */
   contextLength?: number;
+  /**
+   * Threads the CPU backend's matmul runs on (default: `navigator.hardwareConcurrency`). More
+   * than one needs a cross-origin isolated page (COOP/COEP headers) and the engine in a worker
+   * (the default); elsewhere it runs on one and `info.warnings` says why. WebGPU ignores it.
+   */
+  threads?: number;
   /** 'auto' (default): WebGPU when the browser has it, else the CPU (much slower). */
   backend?: 'auto' | Backend;
   /** Chunks downloaded in parallel (1-16, default 3). */
@@ -287,6 +293,9 @@ export interface ModelInfo {
   /** Most chunk bytes held in memory at once while loading. */
   peakBufferedBytes: number;
   wasmMemoryBytes: number;
+  /** Threads the CPU backend computes on (the `threads` option where the page is cross-origin
+   * isolated, else 1, with the reason in `warnings`); null on WebGPU. */
+  threads: number | null;
   /** What the load checked before it downloaded (see `Phi2.requirements`). */
   requirements: Requirements;
   /** Whether the browser keeps the cache under storage pressure (see the `persist` option). */

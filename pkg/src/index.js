@@ -36,7 +36,8 @@ export class Phi2 {
    * SharedWorker), `whenBusy` ('queue' (default) or 'cancel': a generation while another tab's
    * runs), `persist` (default false: ask that the cache survive storage pressure), `backend`
    * ('auto' (default: WebGPU, else the CPU), 'webgpu', 'cpu'), `contextLength` (default the
-   * model's), `concurrency` (parallel chunk downloads, default 3), `stallTimeoutMs` (default
+   * model's), `threads` (the CPU backend's, default the cores; more than one needs a cross-origin
+   * isolated page), `concurrency` (parallel chunk downloads, default 3), `stallTimeoutMs` (default
    * 30000), `f16` (default false), `kernels` (default 'auto'), `workerUrl` and `wasmUrl` (where
    * the package's worker.js and wasm file are served, when a bundler moved them). The bundle's
    * requirements are checked before any chunk is fetched.

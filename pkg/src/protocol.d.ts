@@ -18,6 +18,7 @@ export interface WorkerLoadOptions {
   f16?: boolean;
   kernels?: 'auto' | 'portable' | 'subgroups';
   contextLength?: number;
+  threads?: number;
 }
 
 /** What a tab's generation does while another tab's runs on a shared engine. */

@@ -4,7 +4,6 @@
 // `Phi2.requirements()` reports it; every load checks it first, so that a shortfall is a typed
 // error at once rather than a failure at 90 %.
 
-import { memoryNeeds } from './wasm/phi2_web.js';
 import { bundleFiles } from './cache.js';
 import { Phi2Error } from './errors.js';
 import { maxBufferBytes } from './webgpu.js';
@@ -62,14 +61,14 @@ const MB = (bytes) => `${(bytes / 1e6).toFixed(1)} MB`;
  * whether it fits here. Reads only the manifest and the cache's index.
  * @param {string} href the manifest's URL
  * @param {{ bytes: Uint8Array }} manifestFile
- * @param {{ cache: Cache | null, backend: Backend, adapter: GPUAdapter | null, f16?: boolean,
- *   contextLength?: number }} options
+ * @param {{ wasm: import('./wasm-module.js').WasmBindings, cache: Cache | null, backend: Backend,
+ *   adapter: GPUAdapter | null, f16?: boolean, contextLength?: number }} options
  * @returns {Promise<Requirements>}
  */
-export async function requirements(href, manifestFile, { cache, backend, adapter, f16 = false, contextLength }) {
+export async function requirements(href, manifestFile, { wasm, cache, backend, adapter, f16 = false, contextLength }) {
   // The engine parses and checks the manifest (a FormatError names what is wrong).
   const kvCacheF16 = Boolean(f16 && adapter?.features.has('shader-f16'));
-  const memory = memoryNeeds(manifestFile.bytes, href, contextLength, kvCacheF16);
+  const memory = wasm.memoryNeeds(manifestFile.bytes, href, contextLength, kvCacheF16);
   const manifest = JSON.parse(new TextDecoder().decode(manifestFile.bytes));
   const cachedUrls = new Set(cache ? (await cache.keys()).map((request) => request.url) : []);
   const [, , ...chunkUrls] = bundleFiles(href, manifest);

@@ -65,8 +65,8 @@ function sharedChannel(worker) {
  * @param {WorkerLoadOptions} options
  */
 function sharedName(href, options) {
-  const { cache = true, backend = 'auto', f16 = false, kernels = 'auto', contextLength = null, wasmUrl = null } = options;
-  return `phi2-web ${JSON.stringify({ href, cache, backend, f16, kernels, contextLength, wasmUrl })}`;
+  const { cache = true, backend = 'auto', f16 = false, kernels = 'auto', contextLength = null, wasmUrl = null, threads = null } = options;
+  return `phi2-web ${JSON.stringify({ href, cache, backend, f16, kernels, contextLength, wasmUrl, threads })}`;
 }
 
 /** @implements {Engine} */

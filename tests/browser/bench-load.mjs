@@ -9,12 +9,13 @@
 //                                     [--kernels auto|portable|subgroups] [--f16]
 //                                     [--bench PROMPT_TOKENS,GEN_TOKENS,COPY_MB]
 //                                     [--response-format JSON]   (decode under that constraint)
+//                                     [--threads N]   (the CPU backend on N threads)
 //
 // --bench also runs `model.bench()` (what web/bench.html and `phi2 bench` run) after the cached
 // load and prints its report.
 //
 // The engine runs on the page's thread (worker: false) so that CDP sees its heap; the worker
-// runs the same code. Both browsers get a persistent profile, as a user has: an incognito
+// runs the same code. With --threads it runs in its worker (the heap figure is then the page's). Both browsers get a persistent profile, as a user has: an incognito
 // context's storage quota is too small to cache a 1.5 GB model.
 
 import { existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
@@ -34,6 +35,9 @@ const responseFormat = option('--response-format', null);
 const kernels = option('--kernels', 'auto');
 const tokens = Number(option('--tokens', '4'));
 const bench = option('--bench', null)?.split(',').map(Number);
+// The CPU backend on N threads: the engine then runs in its worker, on a cross-origin isolated
+// page (the server sends COOP/COEP); without it, on the page's thread as before.
+const threads = option('--threads', null) && Number(option('--threads', null));
 if (!existsSync(path.join(bundleDir, 'manifest.json'))) {
   console.error(`no bundle at ${bundleDir} (make one: target/release/phi2 synth --preset phi-2 --out ${bundleDir})`);
   process.exit(2);
@@ -44,7 +48,8 @@ mkdirSync(path.dirname(link), { recursive: true });
 rmSync(link, { force: true });
 symlinkSync(bundleDir, link);
 
-const server = await startServer({ root: REPO });
+const isolation = { 'Cross-Origin-Opener-Policy': 'same-origin', 'Cross-Origin-Embedder-Policy': 'require-corp' };
+const server = await startServer({ root: REPO, headers: threads ? isolation : {} });
 const profile = mkdtempSync(path.join(os.tmpdir(), 'phi2-bench-profile-'));
 const require = createRequire(import.meta.url);
 let context;
@@ -80,10 +85,10 @@ const sampler = (async () => {
 
 async function load(label) {
   if (cdp) peakHeap = 0;
-  const figures = await page.evaluate(async ({ backend, kernels, f16, tokens, bench, responseFormat }) => {
+  const figures = await page.evaluate(async ({ backend, kernels, f16, tokens, bench, responseFormat, threads }) => {
     const { Phi2 } = await import(new URL('pkg/index.js', location.href).href);
     const started = performance.now();
-    const model = await Phi2.load('../target/bench-bundle/', { worker: false, backend, kernels, f16 });
+    const model = await Phi2.load('../target/bench-bundle/', { worker: Boolean(threads), backend, kernels, f16, threads: threads ?? undefined });
     const loadMs = performance.now() - started;
     let generated = 0;
     if (tokens > 0) {
@@ -95,7 +100,7 @@ async function load(label) {
     const result = { loadMs, info: model.info, stats: model.stats, generated, report };
     await model.unload();
     return result;
-  }, { backend, kernels, f16, tokens, bench: label === 'cache' ? bench : null, responseFormat: responseFormat && JSON.parse(responseFormat) });
+  }, { backend, kernels, f16, tokens, bench: label === 'cache' ? bench : null, responseFormat: responseFormat && JSON.parse(responseFormat), threads });
   await new Promise((resolve) => setTimeout(resolve, 300));
   return { label, ...figures, peakJsHeapBytes: peakHeap };
 }
@@ -128,6 +133,7 @@ console.log(JSON.stringify({
   bundle: bundleDir,
   browser: engine,
   backend: network.info.backend,
+  threads: network.info.threads,
   bundle_mb: mb(network.info.totalBytes),
   network: { ...summary(network), chunk_requests: chunkRequestsFromNetwork },
   cache: { ...summary(cached), chunk_requests: chunkRequestsFromCache },

@@ -28,6 +28,12 @@ const FIXTURE = 'tests/fixtures/phi-tok';
 const BUNDLE = 'target/browser-bundles/phi-tok-q4';
 /** The same bundle with one byte of a chunk flipped on the server. */
 const CORRUPT_BUNDLE = 'target/browser-bundles/phi-tok-q4-corrupt';
+/** 4-bit bundles of the other fixtures with a tokenizer: odd shapes (phi-odd: 48 columns, a
+ * block and a half) and wider layers (phi-80), for the CPU backend's kernel in wasm. */
+const SHAPE_FIXTURES = ['phi-odd', 'phi-80'];
+/** A prompt in their 512- and 1024-token vocabularies. */
+const SHAPE_PROMPT = '1+2=';
+const shapeBundle = (fixture) => `target/browser-bundles/${fixture}-q4`;
 const PROMPT = 'Hello World';
 const MAX_TOKENS = 16;
 const PHI2_BIN = process.env.PHI2_BIN || path.join(REPO, 'target', 'debug', 'phi2');
@@ -58,8 +64,8 @@ function nativeChat(model, request) {
  * The CLI's greedy run: {prompt_ids, generated_ids, text}. On the CPU by default; `gpu` runs it
  * on lavapipe (Vulkan) with those extra options.
  */
-function nativeGenerate(model, { gpu } = {}) {
-  const args = ['generate', '--model', model, '--prompt', PROMPT, '--max-tokens', String(MAX_TOKENS),
+function nativeGenerate(model, { gpu, prompt = PROMPT } = {}) {
+  const args = ['generate', '--model', model, '--prompt', prompt, '--max-tokens', String(MAX_TOKENS),
     '--temperature', '0', '--json', '--backend', gpu ? 'wgpu' : 'cpu', ...(gpu ?? [])];
   const env = { ...process.env };
   if (gpu) {
@@ -94,6 +100,11 @@ before(async () => {
   // f16 adapter, lavapipe, which Firefox's WebGPU also runs on.
   native.f16 = await nativeGenerate(BUNDLE, { gpu: ['--f16', '--kernels', 'portable'] });
   native.chat = await nativeChat(BUNDLE, CHAT_REQUEST);
+  for (const fixture of SHAPE_FIXTURES) {
+    rmSync(path.join(REPO, shapeBundle(fixture)), { recursive: true, force: true });
+    execFileSync(PHI2_BIN, ['convert', '--from', `tests/fixtures/${fixture}`, '--out', shapeBundle(fixture)], { cwd: REPO });
+    native[fixture] = await nativeGenerate(shapeBundle(fixture), { prompt: SHAPE_PROMPT });
+  }
   assert.ok(native.bundle.generated_ids.length > 0, 'the CLI generated nothing');
   server = await startServer({ root: REPO });
   for (const engine of ENGINES) {
@@ -362,6 +373,7 @@ test('bad input gives typed errors (name, message, details) that cross the worke
         out.push(await caught('corrupt chunk', () => Phi2.load(corruptBundle, { cache: false })));
         out.push(await caught('bad backend', () => Phi2.load(bundle, { backend: 'tpu' })));
         out.push(await caught('bad kernels', () => Phi2.load(bundle, { kernels: 'fast' })));
+        out.push(await caught('bad threads', () => Phi2.load(bundle, { backend: 'cpu', threads: 0 })));
         out.push(await caught('generate before load', () => drain(new Phi2().generate('hi'))));
         const model = await Phi2.load(bundle);
         out.push(await caught('temperature', () => drain(model.generate('hi', { temperature: -1 }))));
@@ -397,6 +409,7 @@ test('bad input gives typed errors (name, message, details) that cross the worke
       'corrupt chunk': ['IntegrityError', /chunk-00001\.bin.*sha256|sha256.*chunk-00001\.bin/, { file: /phi-tok-q4-corrupt\/chunk-00001\.bin$/, chunk: /^1$/ }],
       'bad backend': ['OptionError', /tpu/, { option: /^backend$/ }],
       'bad kernels': ['OptionError', /fast/, { option: /^kernels$/ }],
+      'bad threads': ['OptionError', /threads 0/, { option: /^threads$/ }],
       'subgroups missing': ['OptionError', /subgroups feature/, { option: /^kernels$/ }],
       'generate before load': ['StateError', /Phi2\.load/, {}],
       temperature: ['OptionError', /-1/, { option: /^temperature$/ }],
@@ -489,6 +502,9 @@ test('without WebGPU the same API runs on the CPU in wasm and generates the same
         assert.equal(isError, false, JSON.stringify(result.error));
         assert.equal(hasWebGPU, false);
         assert.equal(result.backend, 'cpu');
+        // 'auto' became the CPU: one thread here (the page is not isolated), and it says why.
+        assert.equal(result.info.threads, 1);
+        assert.ok(result.info.warnings.some((w) => /one thread: the page is not cross-origin isolated/.test(w)), JSON.stringify(result.info.warnings));
         assertSameAsNative(result, native.bundle, `${engine}: CPU fallback`);
         assert.match(body, /CPU/, 'the page says it runs on the CPU');
       } finally {
@@ -497,6 +513,33 @@ test('without WebGPU the same API runs on the CPU in wasm and generates the same
     });
   }
 });
+
+test('the demo page gets cross-origin isolation from its service worker; the CPU backend then gives the CLI\'s tokens on one and on two threads, on every fixture with a tokenizer', TIMEOUT, (t) => inEachEngine(t, async (engine, context) => {
+  await withPage(context, async (page) => {
+    // The first visit is served before the service worker controls the page: one thread.
+    const first = await pageResult(page, demoUrl({ model: bundleUrl, backend: 'cpu', threads: '2' }));
+    assert.equal(first.isError, false, JSON.stringify(first.result.error));
+    assert.equal(first.result.info.threads, 1);
+    assert.ok(first.result.info.warnings.some((w) => /one thread: the page is not cross-origin isolated/.test(w)),
+      `no warning says why: ${JSON.stringify(first.result.info.warnings)}`);
+    assertSameAsNative(first.result, native.bundle, `${engine}: CPU, one thread`);
+    await page.evaluate(() => navigator.serviceWorker.ready);
+    const models = [
+      [bundleUrl, PROMPT, native.bundle],
+      ...SHAPE_FIXTURES.map((f) => [`../${shapeBundle(f)}/`, SHAPE_PROMPT, native[f]]),
+    ];
+    for (const [model, prompt, reference] of models) {
+      for (const threads of [1, 2]) {
+        const { result, isError } = await pageResult(page, demoUrl({ model, prompt, backend: 'cpu', threads: String(threads) }));
+        assert.equal(await page.evaluate(() => crossOriginIsolated), true, 'the service worker did not isolate the page');
+        assert.equal(isError, false, JSON.stringify(result.error));
+        assert.equal(result.info.threads, threads);
+        assert.deepEqual(result.info.warnings.filter((w) => /thread/.test(w)), []);
+        assertSameAsNative(result, reference, `${engine}: ${model} on the CPU, ${threads} threads`);
+      }
+    }
+  });
+}));
 
 test('Firefox with f16: the f16 products and KV cache give the CLI\'s f16 tokens on lavapipe', TIMEOUT, async () => {
   // Chromium's SwiftShader has no shader-f16: only Firefox (lavapipe) runs the f16 kernels.

@@ -14,6 +14,8 @@
 //                          connection stays open until the client gives up, at most 2 min)
 //   { corruptAt: i }       flip the bits of byte i of the body
 //   { delayMs: t }         wait t ms before answering
+// `startServer({ root, headers })` adds `headers` to every file it serves (e.g. COOP/COEP, which
+// make a page cross-origin isolated).
 // Listens on 127.0.0.1 with an OS-chosen port. Serves files below `root` only (no directory
 // listings, no escaping the root). Supports GET/HEAD and single byte-range requests
 // (`Range: bytes=a-b`), which a loader may use for large safetensors files.
@@ -68,7 +70,7 @@ function parseRange(header, size) {
  * @param {{root: string, host?: string, port?: number, quiet?: boolean}} opts
  * @returns {Promise<{url: string, port: number, requests: Array<object>, close: () => Promise<void>}>}
  */
-export async function startServer({ root, host = '127.0.0.1', port = 0, fault = () => undefined } = {}) {
+export async function startServer({ root, host = '127.0.0.1', port = 0, fault = () => undefined, headers: extraHeaders = {} } = {}) {
   if (!root) throw new Error('startServer: root is required');
   const rootAbs = path.resolve(root);
   const requests = [];
@@ -123,6 +125,7 @@ export async function startServer({ root, host = '127.0.0.1', port = 0, fault = 
         'Content-Type': mimeType(target),
         'Accept-Ranges': 'bytes',
         'Cache-Control': 'no-store',
+        ...extraHeaders,
       };
       let start = 0;
       let end = st.size - 1;
