@@ -9,7 +9,6 @@
 //! Storage: 4 bits + 16/32 bits = 4.5 bits per weight.
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 pub const BLOCK: usize = 32;
 
@@ -41,38 +40,88 @@ fn nibble_ordered(x: &[f32], tokens: usize, cols: usize, blocks: usize) -> Vec<N
     out
 }
 
-/// Tokens a row's pass takes together: each block's codes are unpacked once for all of them.
+/// `halves` as f32 into `out`, exactly as `f16::to_f32`, but branch-free so that it compiles to
+/// SIMD: a decode converts a row's scales for each token, and `half`'s per-value conversion
+/// (what its slice conversion does without x86's F16C) took about as long as the products in
+/// wasm (BENCHMARKS.md).
+fn scales_to_f32(halves: &[f16], out: &mut [f32]) {
+    // 2^112: moves an f16 exponent (bias 15) placed in an f32 (bias 127); subnormals too.
+    const REBIAS: f32 = f32::from_bits(0x7780_0000);
+    for (out, half) in out.iter_mut().zip(halves) {
+        let bits = u32::from(half.to_bits());
+        let magnitude = f32::from_bits((bits & 0x7fff) << 13) * REBIAS;
+        // Infinity and NaN (all exponent bits set) keep their payload.
+        let special = f32::from_bits(0x7f80_0000 | (bits & 0x03ff) << 13);
+        let magnitude = if bits & 0x7c00 == 0x7c00 {
+            special
+        } else {
+            magnitude
+        };
+        *out = if bits & 0x8000 != 0 {
+            -magnitude
+        } else {
+            magnitude
+        };
+    }
+}
+
+/// Tokens a pass takes together: each block's codes are unpacked once for all of them.
 const TOKENS_AT_ONCE: usize = 4;
 
-/// The sums of one block's products for `N` tokens: its 4 code words against each token's
-/// activations.
+/// Rows a pass takes together when it has [`TOKENS_AT_ONCE`] tokens: each block's activations
+/// are loaded once for all of them. With fewer tokens (a decode) one row at a time is faster
+/// (two rows of one token compiled to slower SIMD), and natively (SSE's 16 registers) also
+/// with 4 (BENCHMARKS.md).
+#[cfg(target_arch = "wasm32")]
+const ROWS_AT_ONCE: usize = 2;
+#[cfg(not(target_arch = "wasm32"))]
+const ROWS_AT_ONCE: usize = 1;
+
+/// The sums of one block's products for `R` rows and `N` tokens: each row's 4 code words
+/// against each token's activations.
 #[inline(always)]
-fn block_dots<const N: usize>(words: &[u32], x: [&NibbleBlock; N]) -> [f32; N] {
-    let words = [words[0], words[1], words[2], words[3]];
-    let mut acc = [[0.0f32; 4]; N];
+fn block_dots<const R: usize, const N: usize>(
+    words: [&[u32]; R],
+    x: [&NibbleBlock; N],
+) -> [[f32; N]; R] {
+    let words = words.map(|w| [w[0], w[1], w[2], w[3]]);
+    let mut acc = [[[0.0f32; 4]; N]; R];
     for i in 0..8 {
-        let codes = words.map(|word| (((word >> (4 * i)) & 0xF) as i32 - 8) as f32);
-        for (acc, x) in acc.iter_mut().zip(x) {
-            for j in 0..4 {
-                acc[j] += codes[j] * x[i][j];
+        let codes = words.map(|w| w.map(|word| (((word >> (4 * i)) & 0xF) as i32 - 8) as f32));
+        for (acc, codes) in acc.iter_mut().zip(&codes) {
+            for (acc, x) in acc.iter_mut().zip(&x) {
+                for j in 0..4 {
+                    acc[j] += codes[j] * x[i][j];
+                }
             }
         }
     }
-    acc.map(|lanes| (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+    acc.map(|row| row.map(|lanes| (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])))
 }
 
-/// One row's products for `N` tokens (`out`), from its code words, its scales as f32 and the
-/// tokens' activations (`x`, [`nibble_ordered`] from the first of them).
-fn token_group<const N: usize>(codes: &[u32], scales: &[f32], x: &[NibbleBlock], out: &mut [f32]) {
-    let blocks = scales.len();
-    let mut acc = [0.0f32; N];
-    for (b, (words, scale)) in codes.chunks_exact(4).zip(scales).enumerate() {
-        let sums = block_dots::<N>(words, std::array::from_fn(|t| &x[t * blocks + b]));
-        for (acc, sum) in acc.iter_mut().zip(sums) {
-            *acc += sum * scale;
+/// `R` rows' products for `N` tokens into `out` (a row's `N` outputs each), from the rows'
+/// code words and scales as f32, and the tokens' activations (`x`, [`nibble_ordered`] from the
+/// first of them).
+fn row_block<const R: usize, const N: usize>(
+    codes: [&[u32]; R],
+    scales: [&[f32]; R],
+    x: &[NibbleBlock],
+    out: [&mut [f32]; R],
+) {
+    let blocks = scales[0].len();
+    let mut acc = [[0.0f32; N]; R];
+    for b in 0..blocks {
+        let words = codes.map(|codes| &codes[b * 4..b * 4 + 4]);
+        let sums = block_dots::<R, N>(words, std::array::from_fn(|t| &x[t * blocks + b]));
+        for k in 0..R {
+            for t in 0..N {
+                acc[k][t] += sums[k][t] * scales[k][b];
+            }
         }
     }
-    out.copy_from_slice(&acc);
+    for (out, acc) in out.into_iter().zip(acc) {
+        out.copy_from_slice(&acc);
+    }
 }
 
 /// A 4-bit matrix in GPU layout.
@@ -260,9 +309,9 @@ impl Q4Matrix {
         let x = nibble_ordered(x, tokens, self.cols, blocks);
         let mut by_row = vec![0.0f32; self.rows * tokens];
         let rows_of = |first: usize, out: &mut [f32]| {
-            let mut scales = vec![0.0f32; blocks];
-            for (i, out) in out.chunks_exact_mut(tokens).enumerate() {
-                self.row_products(first + i, &x, &mut scales, out);
+            let mut scales = vec![0.0f32; ROWS_AT_ONCE * blocks];
+            for (i, out) in out.chunks_mut(ROWS_AT_ONCE * tokens).enumerate() {
+                self.rows_products(first + i * ROWS_AT_ONCE, &x, &mut scales, out);
             }
         };
         #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
@@ -286,19 +335,46 @@ impl Q4Matrix {
         out
     }
 
-    /// Row `r` of the product for every token of `x` (from [`nibble_ordered`]) into `out`;
-    /// `scales` is room for the row's scales as f32.
-    fn row_products(&self, r: usize, x: &[NibbleBlock], scales: &mut [f32], out: &mut [f32]) {
-        let blocks = scales.len();
-        self.scales[r * blocks..(r + 1) * blocks].convert_to_f32_slice(scales);
-        let codes = &self.codes[r * blocks * 4..(r + 1) * blocks * 4];
-        for (group, out) in out.chunks_mut(TOKENS_AT_ONCE).enumerate() {
-            let x = &x[group * TOKENS_AT_ONCE * blocks..];
-            match out.len() {
-                1 => token_group::<1>(codes, scales, x, out),
-                2 => token_group::<2>(codes, scales, x, out),
-                3 => token_group::<3>(codes, scales, x, out),
-                _ => token_group::<TOKENS_AT_ONCE>(codes, scales, x, out),
+    /// Rows `first..` of the product, one or [`ROWS_AT_ONCE`] (`out.len() / tokens`), for every
+    /// token of `x` (from [`nibble_ordered`]) into `out` (`[rows, tokens]`); `scales` is room
+    /// for the rows' scales as f32.
+    fn rows_products(&self, first: usize, x: &[NibbleBlock], scales: &mut [f32], out: &mut [f32]) {
+        let blocks = self.blocks_per_row();
+        let tokens = x.len() / blocks;
+        let rows = out.len() / tokens;
+        let scales = &mut scales[..rows * blocks];
+        scales_to_f32(
+            &self.scales[first * blocks..(first + rows) * blocks],
+            scales,
+        );
+        let (scales, codes) = (&*scales, &self.codes[first * blocks * 4..]);
+        let codes_of = |k: usize| &codes[k * blocks * 4..(k + 1) * blocks * 4];
+        let scales_of = |k: usize| &scales[k * blocks..(k + 1) * blocks];
+        for first_token in (0..tokens).step_by(TOKENS_AT_ONCE) {
+            let n = (tokens - first_token).min(TOKENS_AT_ONCE);
+            let x = &x[first_token * blocks..];
+            if rows == ROWS_AT_ONCE && n == TOKENS_AT_ONCE {
+                let mut rows_out = out.chunks_exact_mut(tokens);
+                let out = std::array::from_fn(|_| match rows_out.next() {
+                    Some(row) => &mut row[first_token..first_token + n],
+                    None => unreachable!("`rows` rows of outputs"),
+                });
+                let (codes, scales) = (
+                    std::array::from_fn(codes_of),
+                    std::array::from_fn(scales_of),
+                );
+                row_block::<ROWS_AT_ONCE, TOKENS_AT_ONCE>(codes, scales, x, out);
+                continue;
+            }
+            for (k, out) in out.chunks_exact_mut(tokens).enumerate() {
+                let (codes, scales) = ([codes_of(k)], [scales_of(k)]);
+                let out = [&mut out[first_token..first_token + n]];
+                match n {
+                    1 => row_block::<1, 1>(codes, scales, x, out),
+                    2 => row_block::<1, 2>(codes, scales, x, out),
+                    3 => row_block::<1, 3>(codes, scales, x, out),
+                    _ => row_block::<1, TOKENS_AT_ONCE>(codes, scales, x, out),
+                }
             }
         }
     }
@@ -351,6 +427,21 @@ mod tests {
                     assert!(err <= bound, "({r},{c}): {err} vs step {step}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn scales_convert_as_half_converts_them() {
+        let halves: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let mut converted = vec![0.0f32; halves.len()];
+        scales_to_f32(&halves, &mut converted);
+        for (half, got) in halves.iter().zip(converted) {
+            let expected = half.to_f32();
+            assert!(
+                got.to_bits() == expected.to_bits() || (got.is_nan() && expected.is_nan()),
+                "{:#06x}: {got} instead of {expected}",
+                half.to_bits()
+            );
         }
     }
 
