@@ -78,7 +78,9 @@ const ROWS_AT_ONCE: usize = 2;
 const ROWS_AT_ONCE: usize = 1;
 
 /// The sums of one block's products for `R` rows and `N` tokens: each row's 4 code words
-/// against each token's activations.
+/// against each token's activations. Written for compilers to vectorize; wasm has its own,
+/// the same arithmetic in simd128 intrinsics.
+#[cfg(not(target_arch = "wasm32"))]
 #[inline(always)]
 fn block_dots<const R: usize, const N: usize>(
     words: [&[u32]; R],
@@ -97,6 +99,38 @@ fn block_dots<const R: usize, const N: usize>(
         }
     }
     acc.map(|row| row.map(|lanes| (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])))
+}
+
+/// [`block_dots`] in simd128 intrinsics: the form above, vectorized by the compiler, ran 2.3×
+/// slower in the package's build (one codegen unit) than in a small crate (BENCHMARKS.md).
+/// The same operations in the same order, so the same results.
+#[cfg(target_arch = "wasm32")]
+#[inline(always)]
+fn block_dots<const R: usize, const N: usize>(
+    words: [&[u32]; R],
+    x: [&NibbleBlock; N],
+) -> [[f32; N]; R] {
+    use core::arch::wasm32::*;
+    let words = words.map(|w| u32x4(w[0], w[1], w[2], w[3]));
+    let mut acc = [[f32x4_splat(0.0); N]; R];
+    for i in 0..8 {
+        let codes = words.map(|w| {
+            let nibbles = v128_and(u32x4_shr(w, 4 * i as u32), u32x4_splat(0xF));
+            f32x4_convert_i32x4(i32x4_sub(nibbles, i32x4_splat(8)))
+        });
+        for (acc, codes) in acc.iter_mut().zip(&codes) {
+            for (acc, x) in acc.iter_mut().zip(&x) {
+                let [a, b, c, d] = x[i];
+                *acc = f32x4_add(*acc, f32x4_mul(*codes, f32x4(a, b, c, d)));
+            }
+        }
+    }
+    acc.map(|row| {
+        row.map(|lanes| {
+            (f32x4_extract_lane::<0>(lanes) + f32x4_extract_lane::<1>(lanes))
+                + (f32x4_extract_lane::<2>(lanes) + f32x4_extract_lane::<3>(lanes))
+        })
+    })
 }
 
 /// `R` rows' products for `N` tokens into `out` (a row's `N` outputs each), from the rows'
