@@ -49,7 +49,7 @@ log "wasm toolchain: $(cat .tools/wasm-toolchain)"
 # The threads build compiles std with atomics, from std's sources: rustup's rust-src where it
 # can be had, otherwise Debian's rustc-web with rust-web-src.
 if [ "$(cat .tools/wasm-toolchain)" = debian ] \
-    || ! { rustup component list --installed 2>/dev/null | grep -q '^rust-src' \
+    || ! { rustup component list --installed 2>/dev/null | grep '^rust-src' >/dev/null \
         || timeout 90 rustup component add rust-src >/dev/null 2>&1; }; then
     apt_install rustc-web rust-web-src
     test -d /usr/lib/rustlib/src/rust/library || { echo "setup: rust-web-src has no std sources" >&2; exit 1; }
