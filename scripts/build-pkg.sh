@@ -16,7 +16,7 @@ out_dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
 # need std compiled with them (-Zbuild-std), and wgpu's WebGPU backend does not build with them,
 # so that build is CPU-only. Each has its target folder, so both stay incremental.
 args=(build -p phi2-web --lib --target wasm32-unknown-unknown --no-default-features --profile "$profile")
-# A shared memory the page's JS makes and every worker imports, up to wasm32's 4 GiB, and the
+# A shared memory the engine's JS makes and every pool worker imports, up to wasm32's 4 GiB, and the
 # thread-local storage hooks wasm-bindgen starts each thread with.
 threads_link="--shared-memory --import-memory --max-memory=4294967296 --export=__wasm_init_tls --export=__tls_size --export=__tls_align --export=__tls_base"
 threads_flags="target.wasm32-unknown-unknown.rustflags=[\"-C\", \"target-feature=+atomics,+bulk-memory,+mutable-globals\", \"-C\", \"link-args=$threads_link\"]"

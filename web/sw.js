@@ -80,9 +80,12 @@ const ISOLATION_HEADERS = {
   'Cross-Origin-Embedder-Policy': 'require-corp',
 };
 
-/** `response` with the isolation headers (opaque responses cannot be rebuilt, nor need it). */
+/**
+ * `response` with the isolation headers. Opaque responses cannot be rebuilt (nor need it), and
+ * a redirected one would lose its final URL (a module's `import.meta.url`): both pass as they are.
+ */
 function isolated(response) {
-  if (response.type === 'opaque' || response.type === 'opaqueredirect') return response;
+  if (response.type === 'opaque' || response.type === 'opaqueredirect' || response.redirected) return response;
   const headers = new Headers(response.headers);
   for (const [name, value] of Object.entries(ISOLATION_HEADERS)) headers.set(name, value);
   return new Response(response.body, { status: response.status, statusText: response.statusText, headers });

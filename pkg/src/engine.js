@@ -9,7 +9,7 @@ import {
   DEFAULT_CONCURRENCY, fetchBundle, fetchManifest, STALL_MS, withBundleLock,
 } from './loader.js';
 import { requirements, shortfall } from './requirements.js';
-import { startEngineWasm, startWasm, wasmMemoryBytes } from './wasm-module.js';
+import { MAX_THREADS, startEngineWasm, startWasm } from './wasm-module.js';
 import {
   chooseBackend, deviceLost, nameDevice, resolveKernels,
 } from './webgpu.js';
@@ -74,8 +74,8 @@ function loadSettings(options) {
   if (contextLength !== undefined && !(Number.isInteger(contextLength) && contextLength >= 1)) {
     throw new Phi2Error('OptionError', `contextLength ${contextLength} is not a positive integer`, { option: 'contextLength' });
   }
-  if (threads !== undefined && !(Number.isInteger(threads) && threads >= 1 && threads <= 256)) {
-    throw new Phi2Error('OptionError', `threads ${threads} is not an integer in 1..256`, { option: 'threads' });
+  if (threads !== undefined && !(Number.isInteger(threads) && threads >= 1 && threads <= MAX_THREADS)) {
+    throw new Phi2Error('OptionError', `threads ${threads} is not an integer in 1..${MAX_THREADS}`, { option: 'threads' });
   }
   signal?.throwIfAborted();
   return { onProgress, signal, cache, backend, concurrency, wasmUrl, stallMs, f16: Boolean(f16), kernels, contextLength, threads };
@@ -135,7 +135,7 @@ export class Engine {
     const signal = callerSignal ? AbortSignal.any([callerSignal, stopDownloads.signal]) : stopDownloads.signal;
     const started = performance.now();
     const { chosen, kernels, cache, href } = await prepare(url, settings);
-    const { wasm, threads, note } = await startEngineWasm({ backend: chosen.backend, wasmUrl: settings.wasmUrl, threads: settings.threads });
+    const { wasm, memory, threads, note } = await startEngineWasm({ backend: chosen.backend, wasmUrl: settings.wasmUrl, threads: settings.threads });
     const warnings = new Set(note ? [note] : []);
     /** @type {import('./wasm/phi2_web.js').BundleLoading | undefined} Freed if the load fails. */
     let loading;
@@ -172,7 +172,7 @@ export class Engine {
         totalBytes,
         loadMs: performance.now() - started,
         peakBufferedBytes,
-        wasmMemoryBytes: wasmMemoryBytes(),
+        wasmMemoryBytes: memory.buffer.byteLength,
         threads,
         requirements: needs,
         persisted: needs.storage?.persisted ?? false,

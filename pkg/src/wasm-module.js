@@ -10,27 +10,33 @@ import initWasm, * as mainBuild from './wasm/phi2_web.js';
 import { Phi2Error } from './errors.js';
 import { watchDevices } from './webgpu.js';
 
-/** @typedef {typeof mainBuild} WasmBindings The exports both builds share. */
+/**
+ * @typedef {typeof mainBuild} WasmBindings The exports both builds share.
+ * @typedef {{ bindings: WasmBindings, memory: WebAssembly.Memory }} StartedWasm
+ */
 
-/** @type {Promise<WasmBindings> | null} */
+/** @type {Promise<StartedWasm> | null} */
 let mainReady = null;
-/** @type {{ threads: number, ready: Promise<WasmBindings> } | null} */
+/** @type {{ threads: number, ready: Promise<StartedWasm> } | null} */
 let threadsStarted = null;
-/** @type {WebAssembly.Memory | null} The memory of the module the last load started. */
-let wasmMemory = null;
 
 /**
  * Starts the main build (from `wasmUrl`, or next to this file) unless it has started.
  * @param {string | URL | undefined} wasmUrl
  * @returns {Promise<WasmBindings>}
  */
-export function startWasm(wasmUrl) {
+export async function startWasm(wasmUrl) {
+  return (await startMainWasm(wasmUrl)).bindings;
+}
+
+/**
+ * @param {string | URL | undefined} wasmUrl
+ * @returns {Promise<StartedWasm>}
+ */
+function startMainWasm(wasmUrl) {
   watchDevices();
   mainReady ??= initWasm({ module_or_path: wasmUrl ?? new URL('./wasm/phi2_web_bg.wasm', import.meta.url) })
-    .then((exports) => {
-      wasmMemory = exports.memory;
-      return mainBuild;
-    })
+    .then((exports) => ({ bindings: mainBuild, memory: exports.memory }))
     .catch((error) => {
       mainReady = null;
       throw new Phi2Error('LoadError', `the engine's wasm module could not be loaded: ${error?.message ?? error}`);
@@ -42,7 +48,7 @@ export function startWasm(wasmUrl) {
  * Starts the threads build with a pool of `threads` workers unless it has started (a realm
  * keeps its first pool: rayon's pool is global).
  * @param {number} threads
- * @returns {Promise<WasmBindings>}
+ * @returns {Promise<StartedWasm>}
  */
 function startThreadedWasm(threads) {
   if (threadsStarted) return threadsStarted.ready;
@@ -50,8 +56,7 @@ function startThreadedWasm(threads) {
     .then(async (threadsBuild) => {
       const exports = await threadsBuild.default({ module_or_path: new URL('./wasm-threads/phi2_web_bg.wasm', import.meta.url) });
       await threadsBuild.initThreadPool(threads);
-      wasmMemory = exports.memory;
-      return /** @type {WasmBindings} */ (/** @type {unknown} */ (threadsBuild));
+      return { bindings: /** @type {WasmBindings} */ (/** @type {unknown} */ (threadsBuild)), memory: exports.memory };
     })
     .catch((error) => {
       threadsStarted = null;
@@ -77,30 +82,32 @@ function whyOneThread() {
 }
 
 /**
- * The wasm module for a model on `backend`, and the threads its CPU backend computes on:
- * `threads` (default: the cores the browser reports) where the page allows more than one,
- * otherwise one with the reason in `note`.
+ * The wasm module for a model on `backend` (its bindings, and its memory: it never shrinks, so
+ * its size is also its peak), and the threads its CPU backend computes on: `threads` (default:
+ * the cores the browser reports) where the page allows more than one, otherwise one with the
+ * reason in `note`. A realm keeps its first pool: a later load gets its size.
  * @param {{ backend: 'webgpu' | 'cpu', wasmUrl: string | URL | undefined, threads: number | undefined }} options
- * @returns {Promise<{ wasm: WasmBindings, threads: number | null, note: string | null }>}
+ * @returns {Promise<{ wasm: WasmBindings, memory: WebAssembly.Memory, threads: number | null, note: string | null }>}
  */
 export async function startEngineWasm({ backend, wasmUrl, threads }) {
-  if (backend !== 'cpu') return { wasm: await startWasm(wasmUrl), threads: null, note: null };
-  const wanted = threads ?? globalThis.navigator?.hardwareConcurrency ?? 1;
+  const main = async (/** @type {number | null} */ threads, /** @type {string | null} */ note) => {
+    const { bindings, memory } = await startMainWasm(wasmUrl);
+    return { wasm: bindings, memory, threads, note };
+  };
+  if (backend !== 'cpu') return main(null, null);
+  const wanted = threads ?? Math.min(globalThis.navigator?.hardwareConcurrency ?? 1, MAX_THREADS);
   const reason = wanted > 1 ? whyOneThread() : null;
   if (wanted > 1 && !reason) {
     try {
-      const wasm = await startThreadedWasm(wanted);
-      return { wasm, threads: /** @type {NonNullable<typeof threadsStarted>} */ (threadsStarted).threads, note: null };
+      const { bindings, memory } = await startThreadedWasm(wanted);
+      return { wasm: bindings, memory, threads: /** @type {NonNullable<typeof threadsStarted>} */ (threadsStarted).threads, note: null };
     } catch (error) {
       const why = `the threads build could not start (${error instanceof Error ? error.message : error})`;
-      return { wasm: await startWasm(wasmUrl), threads: 1, note: `the CPU backend runs on one thread: ${why}` };
+      return main(1, `the CPU backend runs on one thread: ${why}`);
     }
   }
-  const note = reason ? `the CPU backend runs on one thread: ${reason}` : null;
-  return { wasm: await startWasm(wasmUrl), threads: 1, note };
+  return main(1, reason ? `the CPU backend runs on one thread: ${reason}` : null);
 }
 
-/** The linear memory of the module the last load started (it never shrinks: also its peak). */
-export function wasmMemoryBytes() {
-  return wasmMemory?.buffer.byteLength ?? 0;
-}
+/** The most threads the `threads` option takes, and the default's cap. */
+export const MAX_THREADS = 256;
