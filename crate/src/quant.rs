@@ -345,7 +345,7 @@ impl Q4Matrix {
         let rows_of = |first: usize, out: &mut [f32]| {
             let mut scales = vec![0.0f32; ROWS_AT_ONCE * blocks];
             for (i, out) in out.chunks_mut(ROWS_AT_ONCE * tokens).enumerate() {
-                self.rows_products(first + i * ROWS_AT_ONCE, &x, &mut scales, out);
+                self.rows_products(first + i * ROWS_AT_ONCE, tokens, &x, &mut scales, out);
             }
         };
         #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
@@ -369,12 +369,18 @@ impl Q4Matrix {
         out
     }
 
-    /// Rows `first..` of the product, one or [`ROWS_AT_ONCE`] (`out.len() / tokens`), for every
-    /// token of `x` (from [`nibble_ordered`]) into `out` (`[rows, tokens]`); `scales` is room
-    /// for the rows' scales as f32.
-    fn rows_products(&self, first: usize, x: &[NibbleBlock], scales: &mut [f32], out: &mut [f32]) {
+    /// Rows `first..` of the product, one or [`ROWS_AT_ONCE`] (`out.len() / tokens`), for the
+    /// `tokens` tokens of `x` (from [`nibble_ordered`]) into `out` (`[rows, tokens]`); `scales`
+    /// is room for the rows' scales as f32.
+    fn rows_products(
+        &self,
+        first: usize,
+        tokens: usize,
+        x: &[NibbleBlock],
+        scales: &mut [f32],
+        out: &mut [f32],
+    ) {
         let blocks = self.blocks_per_row();
-        let tokens = x.len() / blocks;
         let rows = out.len() / tokens;
         let scales = &mut scales[..rows * blocks];
         scales_to_f32(
