@@ -18,7 +18,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::config::PhiConfig;
 use crate::error::{Error, Result};
 use crate::kernels::attention::LayerCache;
-use crate::kernels::{Epilogue, KernelOptions, KernelPlan};
+use crate::kernels::{Epilogue, KernelOptions, KernelPlan, LayerNorm};
 use crate::memory::PREFILL_CHUNK;
 use crate::weights::assembler::{mlp_width, FusedLinear, Matrix, Weights};
 use crate::weights::names::{LayerParam, Slot};
@@ -30,13 +30,24 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `x·W + b`, then `then`; a 4-bit layer on a GPU runs it all as one kernel.
-    fn forward(&self, x: Tensor<2>, then: Epilogue, plan: KernelPlan) -> Tensor<2> {
+    /// `norm(x)·W + b` (`norm`: a LayerNorm first, or none), then `then`; a 4-bit layer on a
+    /// GPU runs the matmul and `then` as one kernel, with the LayerNorm inside where it fits.
+    fn forward(
+        &self,
+        x: Tensor<2>,
+        norm: Option<&LayerNorm>,
+        then: Epilogue,
+        plan: KernelPlan,
+    ) -> Tensor<2> {
         match &self.weight {
             Matrix::F32(weight) => {
+                let x = match norm {
+                    Some(norm) => norm.forward(x, plan),
+                    None => x,
+                };
                 then.apply(x.matmul(weight.clone()) + self.bias.clone().unsqueeze::<2>())
             }
-            Matrix::Q4(weight) => weight.matmul(x, &self.bias, then, plan),
+            Matrix::Q4(weight) => weight.matmul(x, norm, &self.bias, then, plan),
         }
     }
 }
@@ -57,18 +68,6 @@ impl Embedding {
             }
             Matrix::Q4(table) => table.rows_of(tokens, device),
         }
-    }
-}
-
-pub struct LayerNorm {
-    weight: Tensor<1>,
-    bias: Tensor<1>,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: Tensor<2>, plan: KernelPlan) -> Tensor<2> {
-        crate::kernels::layer_norm(x, &self.weight, &self.bias, self.eps, plan)
     }
 }
 
@@ -393,12 +392,14 @@ impl Phi {
         let attention_width = self.mlp_width + self.config.hidden_size;
         let mut hidden_states = self.embed_tokens.forward(tokens, &self.device);
         for (index, layer) in self.layers.iter().take(layers).enumerate() {
-            let normed = layer.input_layernorm.forward(hidden_states.clone(), plan);
             let mlp = Epilogue {
                 gelu_outputs: self.mlp_width,
                 residual: None,
             };
-            let fc1_qkv = layer.fc1_qkv.forward(normed, mlp, plan);
+            let norm = Some(&layer.input_layernorm);
+            let fc1_qkv = layer
+                .fc1_qkv
+                .forward(hidden_states.clone(), norm, mlp, plan);
             // Attention's output replaces the queries: `[gelu(fc1) | 0 | attention | k | v]`.
             let attended = cache.with_layer(index, |layer_cache| {
                 let q_at = self.mlp_width;
@@ -408,15 +409,17 @@ impl Phi {
                 gelu_outputs: 0,
                 residual: Some(hidden_states),
             };
-            hidden_states =
-                layer
-                    .fc2_dense
-                    .forward(attended.narrow(1, 0, attention_width), residual, plan);
+            hidden_states = layer.fc2_dense.forward(
+                attended.narrow(1, 0, attention_width),
+                None,
+                residual,
+                plan,
+            );
         }
         cache.len = start + count;
         let last = hidden_states.narrow(0, count - 1, 1);
-        let normed = self.final_layernorm.forward(last, plan);
-        self.lm_head.forward(normed, Epilogue::default(), plan)
+        let norm = Some(&self.final_layernorm);
+        self.lm_head.forward(last, norm, Epilogue::default(), plan)
     }
 }
 

@@ -7,7 +7,7 @@ mod common;
 use burn::tensor::{DType, Device};
 use common::{fixture, load_with, logits_across_cache_growth, max_abs_diff, reference, BACKENDS};
 use phi2_web::kernels::{
-    describe_device, is_cpu, Epilogue, KernelChoice, KernelOptions, KernelPlan, Q4Weight,
+    describe_device, is_cpu, Epilogue, KernelChoice, KernelOptions, KernelPlan, LayerNorm, Q4Weight,
 };
 use phi2_web::loading::load_dir;
 use phi2_web::quant::Q4Matrix;
@@ -39,15 +39,25 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
             (2, 40, 33),
             // More workgroups than WebGPU allows in one grid dimension (65535).
             (520, 8200, 40),
+            // Prefill tiles cut on every side, columns ending mid-block.
+            (70, 130, 100),
         ] {
             let weights = pseudo_random(rows * cols, (rows * cols) as u64);
             let matrix = Q4Matrix::quantize(&weights, rows, cols);
             let x = pseudo_random(tokens * cols, 7);
             let bias = pseudo_random(rows, 3);
-            let mut expected = matrix.matmul_reference(&x, tokens);
-            for (i, v) in expected.iter_mut().enumerate() {
-                *v += bias[i % rows];
-            }
+            let with_bias = |mut y: Vec<f32>| {
+                for (i, v) in y.iter_mut().enumerate() {
+                    *v += bias[i % rows];
+                }
+                y
+            };
+            let expected = with_bias(matrix.matmul_reference(&x, tokens));
+            // A LayerNorm before the matmul (inside the decode kernel where it fits): against
+            // the reference on the normed activations.
+            let (norm_weight, norm_bias) = (pseudo_random(cols, 11), pseudo_random(cols, 13));
+            let normed = layer_norm_reference(&x, &norm_weight, &norm_bias, EPS);
+            let expected_normed = with_bias(matrix.matmul_reference(&normed, tokens));
             // Row lookups (the embedding), duplicates and the last row included.
             let ids = [rows - 1, 0, rows / 2, rows - 1].map(|r| r as u32);
             let expected_rows: Vec<f32> = ids
@@ -100,15 +110,32 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
                 epilogue(rows, false),
                 epilogue(rows / 2 + 1, true),
             ];
+
+            let norm = LayerNorm {
+                weight: vector(norm_weight, &device),
+                bias: vector(norm_bias, &device),
+                eps: EPS,
+            };
             let plans = plans_to_test(&device);
             for plan in &plans {
+                let y = weight.matmul(x.clone(), Some(&norm), &bias, Epilogue::default(), *plan);
+                let got = block_on(y.into_data_async())
+                    .unwrap()
+                    .try_into_vec::<f32>()
+                    .unwrap();
+                let diff = max_abs_diff(&got, &expected_normed);
+                let tolerance = if plan.f16 { 5e-2 } else { 1e-4 };
+                assert!(
+                    diff < tolerance,
+                    "{backend:?} {plan:?} LayerNorm first {tokens}x{rows}x{cols}: {diff}"
+                );
                 for (then, expected) in &cases {
                     let label = format!(
                         "gelu {} residual {}",
                         then.gelu_outputs,
                         then.residual.is_some()
                     );
-                    let y = weight.matmul(x.clone(), &bias, then.clone(), *plan);
+                    let y = weight.matmul(x.clone(), None, &bias, then.clone(), *plan);
                     assert_eq!(y.dims(), [tokens, rows]);
                     let got = block_on(y.into_data_async())
                         .unwrap()
@@ -125,6 +152,28 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
             }
         }
     }
+}
+
+const EPS: f64 = 1e-5;
+
+/// LayerNorm of each row of `x` (rows as long as `weight`), computed in f64.
+fn layer_norm_reference(x: &[f32], weight: &[f32], bias: &[f32], eps: f64) -> Vec<f32> {
+    let cols = weight.len();
+    let mut normed = Vec::with_capacity(x.len());
+    for row in x.chunks(cols) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
+        for (c, &v) in row.iter().enumerate() {
+            let value = (v as f64 - mean) / (var + eps).sqrt();
+            normed.push((value * weight[c] as f64 + bias[c] as f64) as f32);
+        }
+    }
+    normed
+}
+
+fn vector(values: Vec<f32>, device: &Device) -> burn::tensor::Tensor<1> {
+    let len = values.len();
+    burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values, [len]), device)
 }
 
 #[test]
@@ -162,7 +211,7 @@ fn assembled_4bit_weights_hold_their_parts_and_zeros_elsewhere() {
 #[test]
 fn layer_norm_kernel_matches_the_reference_in_every_plan() {
     let device = block_on(BackendKind::Wgpu.device()).unwrap();
-    let eps = 1e-5;
+    let eps = EPS;
     for (rows, cols) in [(1, 70), (3, 300), (2, 2560)] {
         // Values far from zero, as in Phi-2's residual stream, where a careless variance loses
         // digits.
@@ -172,15 +221,7 @@ fn layer_norm_kernel_matches_the_reference_in_every_plan() {
             .collect();
         let weight = pseudo_random(cols, 11);
         let bias = pseudo_random(cols, 13);
-        let mut expected = Vec::with_capacity(rows * cols);
-        for row in x.chunks(cols) {
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
-            for (c, &v) in row.iter().enumerate() {
-                let normed = (v as f64 - mean) / (var + eps).sqrt();
-                expected.push((normed * weight[c] as f64 + bias[c] as f64) as f32);
-            }
-        }
+        let expected = layer_norm_reference(&x, &weight, &bias, eps);
         let tensor =
             |values: Vec<f32>, shape: Vec<usize>| burn::tensor::TensorData::new(values, shape);
         let x = burn::tensor::Tensor::<2>::from_data(tensor(x, vec![rows, cols]), &device);

@@ -15,6 +15,20 @@ use super::{
     buffer, cube, empty_output, grid, is_cpu, subgroup_workgroup, SOFTWARE_WORKGROUP, WORKGROUP,
 };
 
+/// A LayerNorm's parameters (transformers' `nn.LayerNorm`). The 4-bit matmul can run it inside
+/// its kernel ([`super::Q4Weight::matmul`]).
+pub struct LayerNorm {
+    pub weight: Tensor<1>,
+    pub bias: Tensor<1>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: Tensor<2>, plan: KernelPlan) -> Tensor<2> {
+        layer_norm(x, &self.weight, &self.bias, self.eps, plan)
+    }
+}
+
 /// LayerNorm of each row of `x: [rows, cols]`, as transformers computes it (the biased
 /// variance), with the kernels of `plan` on a GPU.
 #[cfg_attr(not(feature = "gpu"), allow(unused_variables))] // plan: the kernels'

@@ -4,7 +4,8 @@
 //!   layout), with its bias, activation and residual ([`Epilogue`]); embedding rows of a 4-bit
 //!   table. No float copy of a weight is made (unless a layer mixes 4-bit and f32 parts).
 //! - [`attention`](mod@attention): causal attention with the rotary embedding and the KV-cache write inside.
-//! - [`layer_norm`](mod@layer_norm): LayerNorm.
+//! - [`layer_norm`](mod@layer_norm): LayerNorm (inside the decode matmul where it fits).
+//! - `reduce`: sums and maxima across a workgroup, through subgroups or workgroup memory.
 //! - [`plan`]: which variant of each kernel a device runs ([`KernelPlan`]), from what its
 //!   adapter offers and what the caller chose ([`KernelOptions`]).
 //!
@@ -14,9 +15,11 @@ pub mod attention;
 pub mod layer_norm;
 pub mod plan;
 pub mod q4;
+#[cfg(feature = "gpu")]
+mod reduce;
 
 pub use attention::attention;
-pub use layer_norm::layer_norm;
+pub use layer_norm::{layer_norm, LayerNorm};
 pub use plan::{describe_device, KernelChoice, KernelOptions, KernelPlan};
 pub use q4::Q4Weight;
 

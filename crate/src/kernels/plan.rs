@@ -18,6 +18,13 @@ use crate::error::{Error, Result};
 /// GPU needs the threads instead: one row each.
 pub(crate) const SOFTWARE_ROWS_PER_WORKER: usize = 16;
 
+/// Output rows per workgroup of the decode matmul on a hardware GPU, unless chosen otherwise
+/// (`phi2 bench --gemv-rows` compares 2, 4 and 8; BENCHMARKS.md).
+pub(crate) const DECODE_ROWS_PER_WORKGROUP: usize = 4;
+
+/// Tokens, and output rows, of a workgroup's tile in the prefill matmul on a hardware GPU.
+pub(crate) const PREFILL_TILE: usize = 64;
+
 /// Which kernels a model gets: the CLI's `--kernels`, the package's `kernels` option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelChoice {
@@ -67,14 +74,16 @@ pub struct KernelOptions {
 /// same function; the portable one (all false) runs on any WebGPU device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelPlan {
-    /// One subgroup per output value (coalesced reads, one `subgroupAdd`) instead of one
-    /// thread per output value.
+    /// Matmul threads reduce their parts through subgroups (`subgroupAdd`) instead of
+    /// workgroup memory; with `software`, a subgroup per group of output rows instead of a
+    /// thread.
     pub subgroups: bool,
     /// Products of codes and activations in f16 (`shader-f16`); each word's sum joins the
     /// f32 accumulator. The KV cache is f16 too.
     pub f16: bool,
     /// Matmul threads shaped for a software adapter (`SOFTWARE_ROWS_PER_WORKER`), as cubecl
-    /// reports one: several output rows per thread instead of one.
+    /// reports one: several output rows per thread, instead of a hardware GPU's workgroups
+    /// along the columns (decode) and tiles in workgroup memory (prefill).
     pub software: bool,
     /// With `software` and without `subgroups`, on an adapter whose subgroups have one known
     /// size: a subgroup's lanes share each word's activation loads (`shared_load_lanes`).
@@ -134,15 +143,22 @@ impl KernelPlan {
 
     /// How its matmul work is shared out, in words.
     fn shape(&self) -> String {
+        if !self.software {
+            let reduced = match self.subgroups {
+                true => "through subgroups",
+                false => "in workgroup memory",
+            };
+            return format!(
+                "a workgroup per {DECODE_ROWS_PER_WORKGROUP} output rows reduced {reduced}, \
+                 prefill in {PREFILL_TILE}×{PREFILL_TILE} tiles"
+            );
+        }
         let worker = if self.subgroups { "subgroup" } else { "thread" };
         let shared = match self.shared_loads {
             true => ", activation loads shared across a subgroup",
             false => "",
         };
-        match self.software {
-            true => format!("a {worker} per {SOFTWARE_ROWS_PER_WORKER} output rows{shared}"),
-            false => format!("a {worker} per output row"),
-        }
+        format!("a {worker} per {SOFTWARE_ROWS_PER_WORKER} output rows{shared}")
     }
 
     /// Everything `device`'s adapter offers; `None` on the CPU backend.
