@@ -154,6 +154,70 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
     }
 }
 
+/// The attention kernel against burn's tensor ops on the CPU backend, on contexts longer than
+/// the kernel's chunk of positions (256), prompts crossing a chunk's end, and a head wider
+/// than a workgroup's first 64 threads (80 dims, 32 rotated, as Phi-2's).
+#[test]
+fn attention_kernel_matches_the_tensor_ops_across_chunks() {
+    let (heads, head_dim, rot, capacity) = (2, 80, 32, 600);
+    let hidden = heads * head_dim;
+    let q_at = 5;
+    let stride = q_at + 3 * hidden + 3;
+    let devices = BACKENDS.map(|backend| block_on(backend.device()).unwrap());
+    let read = |t: burn::tensor::Tensor<2>| {
+        block_on(t.into_data_async())
+            .unwrap()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    for (start, count) in [(0, 5), (300, 1), (250, 20), (530, 70)] {
+        let inner = pseudo_random(count * stride, start as u64);
+        let cached = pseudo_random(heads * capacity * head_dim, 17);
+        // Any tables do: both sides read the same ones.
+        let cos = pseudo_random(capacity * rot, 19);
+        let sin = pseudo_random(capacity * rot, 23);
+        let results = devices.clone().map(|device| {
+            let tensor2 = |values: &[f32], shape: [usize; 2]| {
+                burn::tensor::Tensor::<2>::from_data(
+                    burn::tensor::TensorData::new(values.to_vec(), shape),
+                    &device,
+                )
+            };
+            let cache = || {
+                burn::tensor::Tensor::<3>::from_data(
+                    burn::tensor::TensorData::new(cached.clone(), [heads, capacity, head_dim]),
+                    &device,
+                )
+            };
+            let layer = phi2_web::kernels::attention::LayerCache {
+                keys: cache(),
+                values: cache(),
+            };
+            let (cos, sin) = (
+                tensor2(&cos, [capacity, rot]),
+                tensor2(&sin, [capacity, rot]),
+            );
+            let (out, layer) = phi2_web::kernels::attention(
+                tensor2(&inner, [count, stride]),
+                q_at,
+                layer,
+                [&cos, &sin],
+                start,
+                0.1,
+            );
+            let new = |t: burn::tensor::Tensor<3>| {
+                read(t.narrow(1, start, count).reshape([heads * count, head_dim]))
+            };
+            (read(out), new(layer.keys), new(layer.values))
+        });
+        let [cpu, gpu] = results;
+        let label = format!("{count} tokens after {start}");
+        assert!(max_abs_diff(&gpu.0, &cpu.0) < 1e-4, "outputs, {label}");
+        assert!(max_abs_diff(&gpu.1, &cpu.1) < 1e-5, "new keys, {label}");
+        assert_eq!(gpu.2, cpu.2, "new values, {label}");
+    }
+}
+
 const EPS: f64 = 1e-5;
 
 /// LayerNorm of each row of `x` (rows as long as `weight`), computed in f64.

@@ -1,5 +1,5 @@
 //! Causal attention of new tokens over a layer's KV cache, with the rotary embedding applied on
-//! the way and the new keys and values written into the cache: two kernel launches on GPU
+//! the way and the new keys and values written into the cache: one kernel launch on GPU
 //! backends (for what burn's ops do in about forty), tensor ops on burn's CPU backend.
 
 #[cfg(feature = "gpu")]
@@ -9,7 +9,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::DType;
 use burn::tensor::{Device, Tensor, TensorData};
 #[cfg(feature = "gpu")]
-use cubecl::prelude::{BufferArg, CubeDim};
+use cubecl::prelude::CubeDim;
 
 #[cfg(feature = "gpu")]
 use super::{buffer, cube, grid, is_cpu, WORKGROUP};
@@ -119,8 +119,13 @@ fn causal_mask(start: usize, count: usize, device: &Device) -> Tensor<3> {
     Tensor::from_data(TensorData::new(values, [1, count, total]), device)
 }
 
-/// [`attention`]'s two kernels: scores with the rotary embedding (and the cache write), then
-/// softmax and values.
+/// Positions whose softmax weights a workgroup holds at once in [`gpu_attention`]'s kernel:
+/// longer contexts go through in chunks, the softmax carried across them (a running maximum
+/// and sum, rescaled as the maximum grows).
+#[cfg(feature = "gpu")]
+const CHUNK: usize = 256;
+
+/// [`attention`]'s kernel: one workgroup per head and new token.
 #[cfg(feature = "gpu")]
 fn gpu_attention(
     inner: Tensor<2>,
@@ -138,52 +143,38 @@ fn gpu_attention(
         inner.meta.strides()[..] == [stride, 1],
         "attention: the activations must be contiguous"
     );
+    // A thread per dimension of a head, in a power of two of at least WORKGROUP.
+    let threads = (WORKGROUP as usize).max(head_dim.next_power_of_two());
+    assert!(
+        threads <= 256,
+        "attention: heads of {head_dim} dims are too wide"
+    );
     let [cos, sin] = rotary.map(|t| cube(t.clone()));
     let (keys, values) = (cube(cache.keys.clone()), cube(cache.values.clone()));
     let client = inner.client.clone();
-    let total = start + count;
-    let scores_len = heads * count * total;
-    let scores = client.empty(scores_len * 4);
-    let out_len = count * heads * head_dim;
-    let dim = CubeDim::new_1d(WORKGROUP);
-    let cubes = |n: usize| grid(n.div_ceil(WORKGROUP as usize));
     macro_rules! launch {
         ($cache:ty) => {
             unsafe {
-                shader::attention_scores_kernel::launch_unchecked::<$cache>(
+                shader::attention_kernel::launch_unchecked::<$cache>(
                     &client,
-                    cubes(scores_len),
-                    dim,
+                    grid(heads * count),
+                    CubeDim::new_1d(threads as u32),
                     buffer(&inner),
                     buffer(&cos),
                     buffer(&sin),
                     buffer(&keys),
                     buffer(&values),
-                    BufferArg::from_raw_parts(scores.clone(), scores_len),
                     stride,
                     q_at,
                     heads,
-                    head_dim,
                     rot,
                     count,
                     start,
                     capacity,
                     scale,
-                );
-                shader::attention_values_kernel::launch_unchecked::<$cache>(
-                    &client,
-                    cubes(out_len),
-                    dim,
-                    BufferArg::from_raw_parts(scores, scores_len),
-                    buffer(&values),
-                    buffer(&inner),
-                    stride,
-                    q_at,
-                    heads,
                     head_dim,
-                    count,
-                    start,
-                    capacity,
+                    threads,
+                    CHUNK,
                 );
             }
         };
@@ -199,13 +190,16 @@ fn gpu_attention(
 mod shader {
     use cubecl::prelude::*;
 
+    use crate::kernels::reduce::{combine_across_workgroup, scratch_len};
+
     /// Element `d` of head `h` of the projection starting at column `at` of the activation
     /// row starting at `row`, rotated the rotate-half way on the first `rot` dims for position
-    /// `pos` (`rot` = 0: as it is).
+    /// `pos` (`rot` = 0: as it is). `inner` is taken as the kernel holds it (cubecl does not
+    /// reborrow a mutable buffer as a shared one).
     #[cube]
     #[allow(clippy::too_many_arguments)] // one element of a rotated head: where, and the tables
     fn rotated(
-        inner: &[f32],
+        inner: &mut [f32],
         cos: &[f32],
         sin: &[f32],
         row: usize,
@@ -229,108 +223,133 @@ mod shader {
         value
     }
 
-    /// `scores[h, t, j] = scale · q[h, t] · key[h, j]` for the positions token `t` may attend
-    /// (`j ≤ start + t`; the others are never read), the rotary embedding applied on the way.
-    /// Row `t` of `inner` (`stride` wide) holds token `t`'s queries, keys and values side by
-    /// side from column `q_at`. Keys of earlier tokens come from the cache `[heads, capacity,
-    /// head_dim]`. New keys are rotated from `inner` by each thread that needs them, and the
-    /// thread on the diagonal (`j = start + t`) writes them, and their values, into the cache:
-    /// no thread reads what another writes. The cache holds `C` (f32, or f16 where allowed);
-    /// the arithmetic is f32. One thread per score.
+    /// Causal attention of new token `t` for head `h` (workgroup `t·heads + h`), the rotary
+    /// embedding applied on the way. Row `t` of `inner` (`stride` wide) holds token `t`'s
+    /// queries, keys and values side by side from column `q_at`; the output, heads merged,
+    /// replaces its queries (which only this workgroup reads). Keys and values of earlier
+    /// tokens come from the cache `[heads, capacity, head_dim]` (`C`: f32, or f16 where
+    /// allowed; the arithmetic is f32); those of new tokens from `inner`, rotated by each
+    /// workgroup that needs them, and token `t`'s are written into the cache here: no
+    /// workgroup reads what another writes.
+    ///
+    /// The query goes to workgroup memory; then, `chunk` positions at a time, each thread
+    /// scores some positions, the workgroup takes their maximum and the exponentials' sum,
+    /// and thread `d` adds the weighted values of dimension `d`, rescaling what it had when
+    /// the maximum grows.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)] // the layout of the activations and of the cache
-    pub fn attention_scores_kernel<C: Float>(
-        inner: &[f32],
+    pub fn attention_kernel<C: Float>(
+        inner: &mut [f32],
         cos: &[f32],
         sin: &[f32],
         keys: &mut [C],
         values: &mut [C],
-        scores: &mut [f32],
         stride: usize,
         q_at: usize,
         heads: usize,
-        head_dim: usize,
         rot: usize,
         count: usize,
         start: usize,
         capacity: usize,
         scale: f32,
+        #[comptime] head_dim: usize,
+        #[comptime] threads: usize,
+        #[comptime] chunk: usize,
     ) {
-        let total = start + count;
-        let index = ABSOLUTE_POS;
-        if index < heads * count * total {
-            let j = index % total;
-            let t = (index / total) % count;
-            let h = index / (total * count);
-            if j <= start + t {
-                let hidden = heads * head_dim;
-                let cached = (h * capacity + j) * head_dim;
-                let q_row = t * stride;
+        let unit = UNIT_POS as usize;
+        let h = CUBE_POS % heads;
+        let t = CUBE_POS / heads;
+        // Uniform across the workgroup, as its barriers require: a wrapped grid's extra
+        // workgroups attend nothing and write nothing.
+        let valid = t < count;
+        let t = select(valid, t, 0usize);
+        let position = start + t;
+        let hidden = heads * head_dim;
+        let row = t * stride;
+        let k_at = q_at + hidden;
+        let v_at = k_at + hidden;
+        let mut query = Shared::<[f32]>::new_slice(head_dim);
+        let mut weights = Shared::<[f32]>::new_slice(chunk);
+        let mut scratch = Shared::<[f32]>::new_slice(comptime!(scratch_len(1, threads)));
+        let mut d = unit;
+        while d < head_dim {
+            query[d] = rotated(inner, cos, sin, row, q_at, h, d, head_dim, rot, position);
+            if valid {
+                let cached = (h * capacity + position) * head_dim + d;
+                keys[cached] = C::cast_from(rotated(
+                    inner, cos, sin, row, k_at, h, d, head_dim, rot, position,
+                ));
+                values[cached] = C::cast_from(inner[row + v_at + h * head_dim + d]);
+            }
+            d += threads;
+        }
+        sync_cube();
+        let end = select(valid, position + 1, 0usize);
+        // Large and finite: WGSL does not promise IEEE infinities.
+        let mut max = f32::new(-1.0e30);
+        let mut sum = f32::new(0.0);
+        let mut acc = f32::new(0.0);
+        let mut shared = Array::<f32>::new(1usize);
+        let mut first = 0usize;
+        while first < end {
+            let len = select(end - first < chunk, end - first, chunk);
+            let mut local_max = f32::new(-1.0e30);
+            let mut j = unit;
+            while j < len {
+                let p = first + j;
                 let mut dot = f32::new(0.0);
-                if j < start {
-                    for d in 0..head_dim {
-                        let q =
-                            rotated(inner, cos, sin, q_row, q_at, h, d, head_dim, rot, start + t);
-                        dot += q * f32::cast_from(keys[cached + d]);
+                if p < start {
+                    let cached = (h * capacity + p) * head_dim;
+                    for e in 0..head_dim {
+                        dot += query[e] * f32::cast_from(keys[cached + e]);
                     }
                 } else {
-                    let k_row = (j - start) * stride;
-                    let k_at = q_at + hidden;
-                    for d in 0..head_dim {
-                        let q =
-                            rotated(inner, cos, sin, q_row, q_at, h, d, head_dim, rot, start + t);
-                        let key = rotated(inner, cos, sin, k_row, k_at, h, d, head_dim, rot, j);
-                        dot += q * key;
-                        if j == start + t {
-                            keys[cached + d] = C::cast_from(key);
-                            values[cached + d] =
-                                C::cast_from(inner[k_row + k_at + hidden + h * head_dim + d]);
-                        }
+                    let key_row = (p - start) * stride;
+                    for e in 0..head_dim {
+                        let key = rotated(inner, cos, sin, key_row, k_at, h, e, head_dim, rot, p);
+                        dot += query[e] * key;
                     }
                 }
-                scores[index] = dot * scale;
+                let score = dot * scale;
+                weights[j] = score;
+                local_max = local_max.max(score);
+                j += threads;
             }
+            shared[0] = local_max;
+            combine_across_workgroup(&mut shared, &mut scratch, 1usize, threads, false, true);
+            let new_max = max.max(shared[0]);
+            let rescale = (max - new_max).exp();
+            let mut local_sum = f32::new(0.0);
+            j = unit;
+            while j < len {
+                let e = (weights[j] - new_max).exp();
+                weights[j] = e;
+                local_sum += e;
+                j += threads;
+            }
+            shared[0] = local_sum;
+            // Its barriers also make every thread's weights visible to all.
+            combine_across_workgroup(&mut shared, &mut scratch, 1usize, threads, false, false);
+            sum = sum * rescale + shared[0];
+            max = new_max;
+            if unit < head_dim {
+                acc *= rescale;
+                for jj in 0..len {
+                    let p = first + jj;
+                    let value = if p < start {
+                        f32::cast_from(values[(h * capacity + p) * head_dim + unit])
+                    } else {
+                        inner[(p - start) * stride + v_at + h * head_dim + unit]
+                    };
+                    acc += weights[jj] * value;
+                }
+            }
+            // Everyone has read the weights before the next chunk's are written.
+            sync_cube();
+            first += chunk;
         }
-    }
-
-    /// Token `t`'s attention output for head `h`, dim `d`: the softmax of its scores over the
-    /// positions it attends, weighting the cached values. Written to row `t` of `inner` at
-    /// column `out_at + h·head_dim + d` (the queries' place: the scores kernel, launched
-    /// before, was their last reader), the heads merged, ready for the output projection.
-    /// One thread per value; each computes its row's maximum and sum itself.
-    #[cube(launch_unchecked)]
-    #[allow(clippy::too_many_arguments)] // the layout of the activations and of the cache
-    pub fn attention_values_kernel<C: Float>(
-        scores: &[f32],
-        values: &[C],
-        inner: &mut [f32],
-        stride: usize,
-        out_at: usize,
-        heads: usize,
-        head_dim: usize,
-        count: usize,
-        start: usize,
-        capacity: usize,
-    ) {
-        let index = ABSOLUTE_POS;
-        if index < count * heads * head_dim {
-            let d = index % head_dim;
-            let h = (index / head_dim) % heads;
-            let t = index / (head_dim * heads);
-            let at = (h * count + t) * (start + count);
-            let end = start + t + 1;
-            let mut max = scores[at];
-            for j in 1..end {
-                max = max.max(scores[at + j]);
-            }
-            let mut sum = f32::new(0.0);
-            let mut acc = f32::new(0.0);
-            for j in 0..end {
-                let e = (scores[at + j] - max).exp();
-                sum += e;
-                acc += e * f32::cast_from(values[(h * capacity + j) * head_dim + d]);
-            }
-            inner[t * stride + out_at + h * head_dim + d] = acc / sum;
+        if valid && unit < head_dim {
+            inner[row + q_at + h * head_dim + unit] = acc / sum;
         }
     }
 }
