@@ -627,11 +627,13 @@ fn sample_sorted(candidates: &[(u32, f32)], params: &SamplingParams, rng: &mut i
 /// only if every logit is), then the `top_k` largest logits (the largest alone for `None`:
 /// greedy) and their ids.
 pub(crate) fn device_candidates(logits: Tensor<2>, top_k: Option<usize>) -> Tensor<2> {
-    let (values, ids) = match top_k {
-        Some(k) => logits.clone().topk_with_indices(k, 1),
-        None => logits.clone().max_dim_with_indices(1),
-    };
-    Tensor::cat(vec![logits.sum_dim(1), values, ids.float()], 1)
+    match top_k {
+        Some(k) => {
+            let (values, ids) = logits.clone().topk_with_indices(k, 1);
+            Tensor::cat(vec![logits.sum_dim(1), values, ids.float()], 1)
+        }
+        None => crate::kernels::greedy_candidates(logits),
+    }
 }
 
 pub(crate) async fn read_floats(tensor: Tensor<2>) -> Result<Vec<f32>> {

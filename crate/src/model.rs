@@ -126,6 +126,10 @@ pub struct KvCache {
     capacity: usize,
 }
 
+/// Tokens of the warm-up's prompt: more than the decode kernel takes (`GEMV_MAX_TOKENS`), so that it compiles the prefill kernel most prompts
+/// run.
+pub const WARM_UP_PROMPT: usize = crate::kernels::q4::GEMV_MAX_TOKENS + 1;
+
 /// Tokens a new cache has room for before it first grows.
 pub const FIRST_ALLOCATION: usize = 256;
 
@@ -357,14 +361,14 @@ impl Phi {
 
     /// Compiles the model's kernels for a prompt and a decoded token (the package's warm-up
     /// also picks a greedy token from the logits, compiling that step's few) for a small part
-    /// of their work: a two-token prompt then one token through the first layer only (every
-    /// layer runs the same kernels), the final LayerNorm and lm_head. On a software adapter one
-    /// token through the whole model takes seconds. The logits, `[1, vocab_size]`, are those of
-    /// that truncated model; nothing is kept.
+    /// of their work: a prompt of [`WARM_UP_PROMPT`] tokens then one token through the first
+    /// layer only (every layer runs the same kernels), the final LayerNorm and lm_head. On a
+    /// software adapter one token through the whole model takes seconds. The logits,
+    /// `[1, vocab_size]`, are those of that truncated model; nothing is kept.
     pub fn warm_up(&self) -> Tensor<2> {
         let mut cache = self.cache_for(1);
         // Token 0: every vocabulary has it.
-        self.forward_through(1, &[0, 0], &mut cache);
+        self.forward_through(1, &[0; WARM_UP_PROMPT], &mut cache);
         self.forward_through(1, &[0], &mut cache)
     }
 

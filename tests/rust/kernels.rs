@@ -218,6 +218,49 @@ fn attention_kernel_matches_the_tensor_ops_across_chunks() {
     }
 }
 
+/// The greedy pick: the largest logit's first id on ties (within one thread's share and
+/// across threads), and the sum that stands for the logits' finiteness.
+#[test]
+fn greedy_pick_takes_the_first_largest_logit() {
+    for backend in BACKENDS {
+        let device = block_on(backend.device()).unwrap();
+        for (vocab, ties) in [
+            (1, vec![]),
+            (300, vec![299]),
+            (51200, vec![811, 555, 50000]),
+        ] {
+            let mut logits = pseudo_random(vocab, vocab as u64);
+            // 555 and 811 fall to one thread of 256, 50000 to another.
+            for &at in &ties {
+                logits[at] = 2.0;
+            }
+            let first = logits
+                .iter()
+                .enumerate()
+                .fold(0, |best, (i, &v)| if v > logits[best] { i } else { best });
+            let logits_tensor = burn::tensor::Tensor::<2>::from_data(
+                burn::tensor::TensorData::new(logits.clone(), [1, vocab]),
+                &device,
+            );
+            let got =
+                block_on(phi2_web::kernels::greedy_candidates(logits_tensor).into_data_async())
+                    .unwrap()
+                    .try_into_vec::<f32>()
+                    .unwrap();
+            let sum: f32 = logits.iter().sum();
+            assert!(
+                (got[0] - sum).abs() < 1e-2,
+                "{backend:?} {vocab}: sum {got:?}"
+            );
+            assert_eq!(
+                got[1..],
+                [logits[first], first as f32],
+                "{backend:?} {vocab}"
+            );
+        }
+    }
+}
+
 const EPS: f64 = 1e-5;
 
 /// LayerNorm of each row of `x` (rows as long as `weight`), computed in f64.

@@ -233,6 +233,6 @@ fn the_warm_up_runs_the_first_layer_alike_on_both_backends() {
     assert!(diff <= LOGIT_TOLERANCE, "warm-up logits differ by {diff}");
     // A truncated model: not the full model's logits for the same token.
     let (model, _) = load("phi-80", BackendKind::Cpu);
-    let full = next_logits(&model, &[0, 0, 0]);
+    let full = next_logits(&model, &[0; phi2_web::model::WARM_UP_PROMPT + 1]);
     assert!(max_abs_diff(&warm[0], &full) > LOGIT_TOLERANCE);
 }

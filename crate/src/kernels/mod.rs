@@ -4,6 +4,7 @@
 //!   layout), with its bias, activation and residual ([`Epilogue`]); embedding rows of a 4-bit
 //!   table. No float copy of a weight is made (unless a layer mixes 4-bit and f32 parts).
 //! - [`attention`](mod@attention): causal attention with the rotary embedding and the KV-cache write inside.
+//! - [`greedy`]: the greedy pick (largest logit, its id, the logits' sum).
 //! - [`layer_norm`](mod@layer_norm): LayerNorm (inside the decode matmul where it fits).
 //! - `reduce`: sums and maxima across a workgroup, through subgroups or workgroup memory.
 //! - [`plan`]: which variant of each kernel a device runs ([`KernelPlan`]), from what its
@@ -12,6 +13,7 @@
 //! The benchmark's copy and multiply-add kernels live in [`crate::bench`].
 
 pub mod attention;
+pub mod greedy;
 pub mod layer_norm;
 pub mod plan;
 pub mod q4;
@@ -19,6 +21,7 @@ pub mod q4;
 mod reduce;
 
 pub use attention::attention;
+pub use greedy::greedy_candidates;
 pub use layer_norm::{layer_norm, LayerNorm};
 pub use plan::{describe_device, KernelChoice, KernelOptions, KernelPlan};
 pub use q4::Q4Weight;

@@ -8,15 +8,11 @@
 use cubecl::client::Client;
 use cubecl::prelude::CubeDim;
 
-use super::Operands;
+use super::{Operands, GEMV_MAX_TOKENS};
 use crate::kernels::layer_norm::LayerNorm;
 use crate::kernels::plan::{KernelPlan, DECODE_ROWS_PER_WORKGROUP};
 use crate::kernels::reduce::scratch_len;
 use crate::kernels::{buffer, cube, grid, WORKGROUP};
-
-/// Tokens the decode kernel takes at once: a prompt of up to this many runs it too, with a
-/// column per token (each weight word then serves them all).
-pub const GEMV_MAX_TOKENS: usize = 4;
 
 /// How the decode kernel shares out its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! fits) and the row lookup of a 4-bit table, straight from the packed weights
 //! ([`crate::quant`] layout): kernels on GPU backends, host loops on burn's CPU backend
 //! ([`Q4Matrix::matmul`]). Which matmul kernel runs:
-//! - [`gemv`]: a decoded token (or a prompt of up to [`gemv::GEMV_MAX_TOKENS`]) on a hardware
+//! - [`gemv`]: a decoded token (or a prompt of up to [`GEMV_MAX_TOKENS`]) on a hardware
 //!   GPU, a workgroup per few output rows, its threads along the columns;
 //! - [`gemm`]: a longer prompt on a hardware GPU, tiles of tokens × rows in workgroup memory;
 //! - [`per_row`]: everything on a software adapter (a CPU emulating a GPU), each thread (or
@@ -33,6 +33,10 @@ pub mod gemm;
 pub mod gemv;
 #[cfg(feature = "gpu")]
 mod per_row;
+
+/// Tokens the decode kernel takes at once: a prompt of up to this many runs it too, with a
+/// column per token (each weight word then serves them all).
+pub const GEMV_MAX_TOKENS: usize = 4;
 
 /// A 4-bit weight `[rows = out features, cols = in features]` where the model runs.
 #[allow(clippy::large_enum_variant)] // a few per model, not worth a box
@@ -276,7 +280,7 @@ fn gpu_matmul(
 ) -> Tensor<2> {
     let [tokens, cols] = x.dims();
     let client = cube(bias.clone()).client;
-    let decode = !plan.software && tokens <= gemv::GEMV_MAX_TOKENS;
+    let decode = !plan.software && tokens <= GEMV_MAX_TOKENS;
     let fused_norm = norm.filter(|_| decode && gemv::fits_layer_norm(&client, tokens, cols));
     let x = match (norm, fused_norm) {
         (Some(norm), None) => norm.forward(x, plan),
