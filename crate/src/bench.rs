@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use burn::backend::Cube;
 #[cfg(feature = "gpu")]
 use burn::tensor::kind::Basic;
-use burn::tensor::Device;
 #[cfg(feature = "gpu")]
-use burn::tensor::{DType, Element, Int, Tensor, TensorData};
+use burn::tensor::{DType, Element, Int, TensorData};
+use burn::tensor::{Device, Tensor};
 use cubecl::logging::{LaunchObservation, LaunchObserver};
 #[cfg(feature = "gpu")]
 use cubecl::prelude::CubeDim;
@@ -24,12 +24,15 @@ use crate::constraint::{LazyGrammars, ResponseFormat};
 use crate::error::Error;
 use crate::error::Result;
 use crate::generation::{SamplingParams, Session, Timings};
-use crate::kernels::describe_device;
+use crate::kernels::plan::DECODE_ROWS_PER_WORKGROUP;
 #[cfg(feature = "gpu")]
-use crate::kernels::{buffer, cube, empty_output, grid, is_cpu, WORKGROUP};
+use crate::kernels::{buffer, cube, empty_output, grid, WORKGROUP};
+use crate::kernels::{describe_device, is_cpu, Epilogue, KernelPlan, Q4Weight};
 use crate::memory::device_memory_usage;
 use crate::model::Phi;
+use crate::quant::Q4Matrix;
 use crate::tokenizer::PhiTokenizer;
+use crate::weights::assembler::FusedLinear;
 use crate::weights::bundle::linear_weight_bytes;
 use crate::weights::names::Slot;
 
@@ -354,6 +357,131 @@ pub async fn run(
         prefill_peak_share: peak.map(|p| prefill_gmac / p),
         prefill_decode_ceiling: peak.and_then(|p| per_decode_speed(p * 1e9 / per_prompt_token)),
     })
+}
+
+/// One matmul's speed alone (`phi2 bench --matmuls`): a 4-bit weight of one of the model's
+/// shapes, random (speed does not depend on the values), run by one kernel variant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MatmulFigure {
+    /// The model's matmul of that shape: `fc1_qkv`, `fc2_dense` or `lm_head`.
+    pub name: &'static str,
+    pub rows: usize,
+    pub cols: usize,
+    pub tokens: usize,
+    /// Output rows per workgroup of the decode kernel (see `KernelPlan`), where it ran.
+    pub decode_rows: Option<usize>,
+    pub microseconds: f64,
+    /// 4-bit weight bytes (codes and scales) read per second, in GB/s.
+    pub weight_gb_per_s: f64,
+    /// `weight_gb_per_s` over the run's copy bandwidth.
+    pub copy_share: f64,
+    /// Multiply-adds per second, in billions.
+    pub gmac_per_s: f64,
+}
+
+/// Times the model's matmul shapes one by one with its kernel plan: one token (the decode
+/// kernel; on a GPU without the software shape with 2, 4 and 8 rows per workgroup) and
+/// `prompt_tokens` tokens. Each is repeated until a run takes 0.1 s.
+pub async fn matmul_figures(
+    model: &Phi,
+    prompt_tokens: usize,
+    copy_gb_per_s: f64,
+    now_ms: &dyn Fn() -> f64,
+) -> Result<Vec<MatmulFigure>> {
+    let config = model.config();
+    let device = model.device();
+    let plan = model.kernel_plan();
+    let [fc1_qkv, fc2_dense] = FusedLinear::of_layer(config);
+    let shapes = [
+        ("fc1_qkv", fc1_qkv.rows, fc1_qkv.cols),
+        ("fc2_dense", fc2_dense.rows, fc2_dense.cols),
+        ("lm_head", config.vocab_size, config.hidden_size),
+    ];
+    let decode_rows: Vec<Option<usize>> = match is_gpu_layout(device, plan) {
+        true => vec![Some(2), Some(4), Some(8)],
+        false => vec![None],
+    };
+    let mut figures = Vec::new();
+    for (name, rows, cols) in shapes {
+        let matrix = random_q4(rows, cols);
+        let bytes = (matrix.codes.len() * 4 + matrix.scales.len() * 2) as f64;
+        let weight = Q4Weight::upload(matrix, device);
+        let bias = Tensor::<1>::zeros([rows], device);
+        let mut runs: Vec<(usize, Option<usize>)> = decode_rows.iter().map(|&r| (1, r)).collect();
+        runs.push((prompt_tokens, None));
+        for (tokens, rows_per_workgroup) in runs {
+            let x = Tensor::<2>::ones([tokens, cols], device);
+            let run = |repeats: usize| {
+                let mut y = None;
+                for _ in 0..repeats {
+                    y = Some(weight.matmul_with(
+                        x.clone(),
+                        None,
+                        &bias,
+                        Epilogue::default(),
+                        plan,
+                        rows_per_workgroup.unwrap_or(DECODE_ROWS_PER_WORKGROUP),
+                    ));
+                }
+                y.expect("at least one run").into_data_async()
+            };
+            run(1)
+                .await
+                .map_err(|e| Error::Device(format!("reading back failed: {e:?}")))?;
+            let mut repeats = 1;
+            let seconds = loop {
+                let started = now_ms();
+                run(repeats)
+                    .await
+                    .map_err(|e| Error::Device(format!("reading back failed: {e:?}")))?;
+                let seconds = (now_ms() - started) / 1000.0;
+                if seconds >= 0.1 || repeats >= 1 << 16 {
+                    break seconds / repeats as f64;
+                }
+                repeats *= 2;
+            };
+            let weight_gb_per_s = bytes / seconds / 1e9;
+            figures.push(MatmulFigure {
+                name,
+                rows,
+                cols,
+                tokens,
+                decode_rows: rows_per_workgroup,
+                microseconds: seconds * 1e6,
+                weight_gb_per_s,
+                copy_share: weight_gb_per_s / copy_gb_per_s,
+                gmac_per_s: (rows * cols * tokens) as f64 / seconds / 1e9,
+            });
+        }
+    }
+    Ok(figures)
+}
+
+/// Whether `plan` runs a hardware GPU's kernels on `device` (where the decode kernel's rows
+/// per workgroup are a choice).
+fn is_gpu_layout(device: &Device, plan: KernelPlan) -> bool {
+    !is_cpu(device) && !plan.software
+}
+
+/// A 4-bit matrix of random codes and small scales.
+fn random_q4(rows: usize, cols: usize) -> Q4Matrix {
+    let blocks = cols.div_ceil(32);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let codes = (0..rows * blocks * 4)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 32) as u32
+        })
+        .collect();
+    Q4Matrix {
+        rows,
+        cols,
+        codes,
+        scales: vec![half::f16::from_f32(0.01); rows * blocks],
+    }
 }
 
 /// A copy of `words` made by the plainest kernel: one read and one write per word.

@@ -103,10 +103,10 @@ export interface LoadOptions {
    */
   f16?: boolean;
   /**
-   * GPU kernels: 'auto' (default: what the adapter offers), 'portable' (a thread per output
-   * row, no subgroups: core WebGPU only, a way around a driver with subgroup bugs), or
-   * 'subgroups' (a subgroup per output row, also on a fallback adapter; needs the adapter's
-   * `subgroups` feature). Ignored on the CPU backend.
+   * GPU kernels: 'auto' (default: what the adapter offers), 'portable' (a GPU's kernels with
+   * their sums in workgroup memory, no subgroups: core WebGPU only, a way around a driver with
+   * subgroup bugs), or 'subgroups' (a GPU's kernels with their sums through subgroups, also on
+   * a fallback adapter; needs the adapter's `subgroups` feature). Ignored on the CPU backend.
    */
   kernels?: 'auto' | 'portable' | 'subgroups';
 }

@@ -214,7 +214,7 @@ test('the bench page measures the tiny bundle on WebGPU with the portable kernel
     assert.ok(result.prefillPeakShare < 1, `prefill / multiply-add rate: ${result.prefillPeakShare}`);
     assert.equal(result.copyBytes, 4 * 2 ** 20);
     assert.match(result.device, /subgroups: (true|false)/);
-    assert.match(result.device, /kernels: a thread per output row,/);
+    assert.match(result.device, /kernels: a workgroup per 4 output rows reduced in workgroup memory,/);
     assert.match(result.device, /^\S/, 'the device description starts with the adapter\'s name');
 }));
 
@@ -223,17 +223,18 @@ test('the bench page measures the tiny bundle on WebGPU with the portable kernel
  * SwiftShader (Chromium) is a fallback adapter with subgroups of one size, so by default it gets
  * the kernels shaped for a CPU with their activation loads shared across a subgroup, and it can
  * run the kernels a GPU with subgroups gets (cubecl does not offer them on a fallback adapter),
- * so the browser's shader compiler checks them too. Firefox's lavapipe adapter is a fallback
+ * so the browser's shader compiler checks them too (their barriers and subgroup operations
+ * under WGSL's uniformity rules). Firefox's lavapipe adapter is a fallback
  * without subgroups: the CPU-shaped kernels without shared loads, and 'portable' is the other.
  */
 const KERNELS_BY_ENGINE = {
   chromium: {
     auto: /software adapter: true; kernels: a thread per 16 output rows, activation loads shared across a subgroup/,
-    other: ['subgroups', /kernels: a subgroup per output row,/],
+    other: ['subgroups', /kernels: a workgroup per 4 output rows reduced through subgroups,/],
   },
   firefox: {
     auto: /subgroups: false,.*software adapter: true; kernels: a thread per 16 output rows, f16/,
-    other: ['portable', /kernels: a thread per output row,/],
+    other: ['portable', /kernels: a workgroup per 4 output rows reduced in workgroup memory,/],
   },
 };
 

@@ -129,6 +129,27 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
                     diff < tolerance,
                     "{backend:?} {plan:?} LayerNorm first {tokens}x{rows}x{cols}: {diff}"
                 );
+                // The decode kernel's other shapes (`phi2 bench --matmuls` times them).
+                for decode_rows in [2, 8] {
+                    let y = weight.matmul_with(
+                        x.clone(),
+                        None,
+                        &bias,
+                        Epilogue::default(),
+                        *plan,
+                        decode_rows,
+                    );
+                    let got = block_on(y.into_data_async())
+                        .unwrap()
+                        .try_into_vec::<f32>()
+                        .unwrap();
+                    let diff = max_abs_diff(&got, &cases[0].1);
+                    assert!(
+                        diff < tolerance,
+                        "{backend:?} {plan:?} {decode_rows} rows per workgroup \
+                         {tokens}x{rows}x{cols}: {diff}"
+                    );
+                }
                 for (then, expected) in &cases {
                     let label = format!(
                         "gelu {} residual {}",

@@ -91,6 +91,10 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Also time each of the model's matmul shapes alone, against the copy: one token (on a
+    /// GPU with 2, 4 and 8 output rows per workgroup) and the prompt's tokens (`matmuls`).
+    #[arg(long)]
+    matmuls: bool,
     /// Decode under this output constraint (as `response_format`, e.g. a grammar), to measure
     /// what constraining costs; `<|endoftext|>` stays masked so that every token is decoded.
     #[arg(long, value_parser = parse_response_format)]
@@ -142,8 +146,9 @@ struct ModelArgs {
     /// (half its memory). Logits move by ~1e-2; greedy tokens can change.
     #[arg(long)]
     f16: bool,
-    /// GPU kernels: auto (what the adapter offers), portable (a thread per output row, no
-    /// subgroups), or subgroups (also on a software adapter; needs the subgroups feature).
+    /// GPU kernels: auto (what the adapter offers), portable (a GPU's kernels reduced in
+    /// workgroup memory, no subgroups), or subgroups (a GPU's kernels reduced through
+    /// subgroups, also on a software adapter; needs the subgroups feature).
     #[arg(long, default_value = "auto")]
     kernels: KernelChoice,
     /// Tokens of context (prompt and output together), at most the model's: a shorter
@@ -508,6 +513,15 @@ fn bench(args: BenchArgs) -> Result<()> {
         args.response_format,
         &now_ms,
     ))?;
+    let matmuls = match args.matmuls {
+        true => Some(block_on(phi2_web::bench::matmul_figures(
+            &model,
+            args.prompt_tokens,
+            report.copy_gb_per_s,
+            &now_ms,
+        ))?),
+        false => None,
+    };
     let mut report = serde_json::to_value(report).expect("JSON");
     let extra = json!({
         "backend": args.model.backend.name(),
@@ -516,6 +530,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         "loadPeakRssBytes": load_peak_rss,
         "peakRssBytes": peak_rss(),
         "memoryNeeds": memory_needs(&args.model.model, &model)?,
+        "matmuls": matmuls,
     });
     report
         .as_object_mut()

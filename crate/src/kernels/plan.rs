@@ -28,18 +28,19 @@ pub(crate) const PREFILL_TILE: usize = 64;
 /// Which kernels a model gets: the CLI's `--kernels`, the package's `kernels` option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelChoice {
-    /// What the adapter offers: subgroup kernels where cubecl reports subgroups, threads
-    /// shaped for a software adapter on one, one output row per thread otherwise.
+    /// What the adapter offers: threads shaped for a software adapter on one; on a GPU its
+    /// kernels (workgroups along the columns to decode, tiles to prefill) with their sums
+    /// through subgroups where cubecl reports them, else in workgroup memory.
     #[default]
     Auto,
-    /// One output row per thread and no subgroups: core WebGPU only, the way around a driver
-    /// whose subgroup operations misbehave (on a software adapter, whose `Auto` kernels use
+    /// A GPU's kernels without subgroups: core WebGPU only, the way around a driver whose
+    /// subgroup operations misbehave (on a software adapter, whose `Auto` kernels use
     /// subgroups too, it also drops the threads shaped for a CPU, so that the browser tests
-    /// compile the kernel a GPU without subgroups runs).
+    /// compile the kernels a GPU without subgroups runs).
     Portable,
-    /// One subgroup per output row, also on an adapter that calls itself software (cubecl
-    /// reports no subgroups there, though SwiftShader has them). The adapter needs the
-    /// `subgroups` feature.
+    /// A GPU's kernels with their sums through subgroups, also on an adapter that calls
+    /// itself software (cubecl reports no subgroups there, though SwiftShader has them). The
+    /// adapter needs the `subgroups` feature.
     Subgroups,
 }
 

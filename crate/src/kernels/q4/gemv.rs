@@ -10,7 +10,7 @@ use cubecl::prelude::CubeDim;
 
 use super::{Operands, GEMV_MAX_TOKENS};
 use crate::kernels::layer_norm::LayerNorm;
-use crate::kernels::plan::{KernelPlan, DECODE_ROWS_PER_WORKGROUP};
+use crate::kernels::plan::KernelPlan;
 use crate::kernels::reduce::scratch_len;
 use crate::kernels::{buffer, cube, grid, WORKGROUP};
 
@@ -24,14 +24,9 @@ pub struct GemvShape {
 }
 
 impl GemvShape {
-    /// The shape the model runs on `client`'s device: [`DECODE_ROWS_PER_WORKGROUP`] rows and
-    /// 64 threads (more where a subgroup is wider).
-    pub fn default_for(client: &Client) -> GemvShape {
-        GemvShape::with_rows(client, DECODE_ROWS_PER_WORKGROUP)
-    }
-
-    /// `rows` output rows per workgroup, threads as in [`GemvShape::default_for`].
-    pub fn with_rows(client: &Client, rows: usize) -> GemvShape {
+    /// `rows` output rows per workgroup (the model's: `DECODE_ROWS_PER_WORKGROUP`) on
+    /// `client`'s device, in workgroups of 64 threads (more where a subgroup is wider).
+    pub fn new(client: &Client, rows: usize) -> GemvShape {
         let plane_max = client.properties().hardware.plane_size_max.max(1);
         GemvShape {
             threads: WORKGROUP.max(plane_max).next_power_of_two() as usize,
@@ -46,10 +41,14 @@ fn shared_values(shape: GemvShape, tile: usize, staged: usize) -> usize {
     scratch_len(shape.rows * tile, shape.threads) + staged
 }
 
-/// Whether a LayerNorm of `tokens` rows of `cols` fits in the decode kernel on `client`'s
-/// device: one token, its normed row in workgroup memory beside the reduction's scratch.
-pub(super) fn fits_layer_norm(client: &Client, tokens: usize, cols: usize) -> bool {
-    let shape = GemvShape::default_for(client);
+/// Whether a LayerNorm of `tokens` rows of `cols` fits in the decode kernel of `shape` on
+/// `client`'s device: one token, its normed row in workgroup memory beside the reduction's scratch.
+pub(super) fn fits_layer_norm(
+    client: &Client,
+    shape: GemvShape,
+    tokens: usize,
+    cols: usize,
+) -> bool {
     let limit = client.properties().hardware.max_shared_memory_size;
     tokens == 1 && shared_values(shape, 1, cols) * 4 <= limit
 }

@@ -21,7 +21,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use cubecl::prelude::{CubeDim, TensorArg};
 
 use super::layer_norm::LayerNorm;
-use super::plan::KernelPlan;
+use super::plan::{KernelPlan, DECODE_ROWS_PER_WORKGROUP};
 use super::Epilogue;
 #[cfg(feature = "gpu")]
 use super::{buffer, cube, empty_output, grid, is_cpu, WORKGROUP};
@@ -130,6 +130,21 @@ impl Q4Weight {
         then: Epilogue,
         plan: KernelPlan,
     ) -> Tensor<2> {
+        self.matmul_with(x, norm, bias, then, plan, DECODE_ROWS_PER_WORKGROUP)
+    }
+
+    /// [`Q4Weight::matmul`] with `decode_rows` output rows per workgroup in the decode kernel
+    /// of a GPU without the software shape (`phi2 bench --matmuls` compares them).
+    #[cfg_attr(not(feature = "gpu"), allow(unused_variables))] // decode_rows: a GPU's
+    pub fn matmul_with(
+        &self,
+        x: Tensor<2>,
+        norm: Option<&LayerNorm>,
+        bias: &Tensor<1>,
+        then: Epilogue,
+        plan: KernelPlan,
+        decode_rows: usize,
+    ) -> Tensor<2> {
         match self {
             #[cfg(feature = "gpu")]
             Q4Weight::Device {
@@ -144,7 +159,7 @@ impl Q4Weight {
                     rows: *rows,
                     cols: *cols,
                 };
-                gpu_matmul(x, norm, &weight, bias, then, plan)
+                gpu_matmul(x, norm, &weight, bias, then, plan, decode_rows)
             }
             Q4Weight::Host(matrix) => {
                 let x = match norm {
@@ -268,7 +283,7 @@ impl Operands {
     }
 }
 
-/// [`Q4Weight::matmul`] on a GPU: picks the kernel (see the module's description).
+/// [`Q4Weight::matmul_with`] on a GPU: picks the kernel (see the module's description).
 #[cfg(feature = "gpu")]
 fn gpu_matmul(
     x: Tensor<2>,
@@ -277,18 +292,19 @@ fn gpu_matmul(
     bias: &Tensor<1>,
     then: Epilogue,
     plan: KernelPlan,
+    decode_rows: usize,
 ) -> Tensor<2> {
     let [tokens, cols] = x.dims();
     let client = cube(bias.clone()).client;
     let decode = !plan.software && tokens <= GEMV_MAX_TOKENS;
-    let fused_norm = norm.filter(|_| decode && gemv::fits_layer_norm(&client, tokens, cols));
+    let shape = gemv::GemvShape::new(&client, decode_rows);
+    let fused_norm = norm.filter(|_| decode && gemv::fits_layer_norm(&client, shape, tokens, cols));
     let x = match (norm, fused_norm) {
         (Some(norm), None) => norm.forward(x, plan),
         _ => x,
     };
     let operands = Operands::new(x, weight, bias, then);
     if decode {
-        let shape = gemv::GemvShape::default_for(&client);
         gemv::launch(&operands, fused_norm, plan, shape);
     } else if !plan.software && gemm::fits(&client) {
         gemm::launch(&operands, plan);
