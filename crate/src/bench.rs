@@ -20,9 +20,7 @@ use serde::Serialize;
 
 use crate::config::PhiConfig;
 use crate::constraint::{LazyGrammars, ResponseFormat};
-#[cfg(feature = "gpu")]
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::generation::{SamplingParams, Session, Timings};
 use crate::kernels::plan::DECODE_ROWS_PER_WORKGROUP;
 #[cfg(feature = "gpu")]
