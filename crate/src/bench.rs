@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::config::PhiConfig;
 use crate::constraint::{LazyGrammars, ResponseFormat};
 use crate::error::{Error, Result};
-use crate::generation::{SamplingParams, Session, Timings};
+use crate::generation::{read_floats, SamplingParams, Session, Timings};
 use crate::kernels::plan::DECODE_ROWS_PER_WORKGROUP;
 #[cfg(feature = "gpu")]
 use crate::kernels::{buffer, cube, empty_output, grid, WORKGROUP};
@@ -422,17 +422,14 @@ pub async fn matmul_figures(
                         rows_per_workgroup.unwrap_or(DECODE_ROWS_PER_WORKGROUP),
                     ));
                 }
-                y.expect("at least one run").into_data_async()
+                // Its values, which waits for every run (the data alone may not).
+                read_floats(y.expect("at least one run"))
             };
-            run(1)
-                .await
-                .map_err(|e| Error::Device(format!("reading back failed: {e:?}")))?;
+            run(1).await?;
             let mut repeats = 1;
             let seconds = loop {
                 let started = now_ms();
-                run(repeats)
-                    .await
-                    .map_err(|e| Error::Device(format!("reading back failed: {e:?}")))?;
+                run(repeats).await?;
                 let seconds = (now_ms() - started) / 1000.0;
                 if seconds >= 0.1 || repeats >= 1 << 16 {
                     break seconds / repeats as f64;

@@ -409,7 +409,7 @@ impl Phi {
             // Attention's output replaces the queries: `[gelu(fc1) | 0 | attention | k | v]`.
             let attended = cache.with_layer(index, |layer_cache| {
                 let q_at = self.mlp_width;
-                crate::kernels::attention(fc1_qkv, q_at, layer_cache, rotary, start, scale)
+                crate::kernels::attention(fc1_qkv, q_at, layer_cache, rotary, start, scale, plan)
             });
             let residual = Epilogue {
                 gelu_outputs: 0,

@@ -175,9 +175,10 @@ fn q4_matmul_and_row_lookup_match_the_reference_on_odd_shapes() {
     }
 }
 
-/// The attention kernel against burn's tensor ops on the CPU backend, on contexts longer than
-/// the kernel's chunk of positions (256), prompts crossing a chunk's end, and a head wider
-/// than a workgroup's first 64 threads (80 dims, 32 rotated, as Phi-2's).
+/// Both attention kernels (a GPU's one workgroup per head and token, a software adapter's
+/// thread per score) against burn's tensor ops on the CPU backend, on contexts longer than the
+/// first one's chunk of positions (256), prompts crossing a chunk's end, and a head wider than
+/// a workgroup's first 64 threads (80 dims, 32 rotated, as Phi-2's).
 #[test]
 fn attention_kernel_matches_the_tensor_ops_across_chunks() {
     let (heads, head_dim, rot, capacity) = (2, 80, 32, 600);
@@ -191,7 +192,14 @@ fn attention_kernel_matches_the_tensor_ops_across_chunks() {
             .try_into_vec::<f32>()
             .unwrap()
     };
-    for (start, count) in [(0, 5), (300, 1), (250, 20), (530, 70)] {
+    let software = KernelPlan {
+        software: true,
+        ..KernelPlan::PORTABLE
+    };
+    for (plan, (start, count)) in [KernelPlan::PORTABLE, software]
+        .into_iter()
+        .flat_map(|plan| [(0, 5), (300, 1), (250, 20), (530, 70)].map(|case| (plan, case)))
+    {
         let inner = pseudo_random(count * stride, start as u64);
         let cached = pseudo_random(heads * capacity * head_dim, 17);
         // Any tables do: both sides read the same ones.
@@ -225,6 +233,7 @@ fn attention_kernel_matches_the_tensor_ops_across_chunks() {
                 [&cos, &sin],
                 start,
                 0.1,
+                plan,
             );
             let new = |t: burn::tensor::Tensor<3>| {
                 read(t.narrow(1, start, count).reshape([heads * count, head_dim]))
@@ -232,7 +241,7 @@ fn attention_kernel_matches_the_tensor_ops_across_chunks() {
             (read(out), new(layer.keys), new(layer.values))
         });
         let [cpu, gpu] = results;
-        let label = format!("{count} tokens after {start}");
+        let label = format!("{plan:?}: {count} tokens after {start}");
         assert!(max_abs_diff(&gpu.0, &cpu.0) < 1e-4, "outputs, {label}");
         assert!(max_abs_diff(&gpu.1, &cpu.1) < 1e-5, "new keys, {label}");
         assert_eq!(gpu.2, cpu.2, "new values, {label}");

@@ -2,9 +2,9 @@
 //! `TILE` output rows, stepping through the columns [`STEP`] at a time. At each step its
 //! threads stage the tokens' activations and the rows' dequantized weights in workgroup
 //! memory (each loaded once for the whole tile), then every thread adds the products of its
-//! [`PER_THREAD`] × [`PER_THREAD`] outputs from there.
+//! [`PER_THREAD`] × [`PER_THREAD`] outputs from there. Its 256 threads and 8 KiB of workgroup
+//! memory are within what every WebGPU device offers (256 and 16 KiB).
 
-use cubecl::client::Client;
 use cubecl::prelude::CubeDim;
 
 use super::Operands;
@@ -17,14 +17,6 @@ const STEP: usize = 16;
 /// Tokens, and rows, each thread computes: 16 × 16 threads cover the tile.
 const PER_THREAD: usize = 4;
 const THREADS: usize = (TILE / PER_THREAD) * (TILE / PER_THREAD);
-
-/// Whether `client`'s device runs the kernel: its workgroup of 256 threads and the two staged
-/// tiles (8 KiB in f32; WebGPU guarantees 16 KiB).
-pub(super) fn fits(client: &Client) -> bool {
-    let hardware = &client.properties().hardware;
-    hardware.max_units_per_cube as usize >= THREADS
-        && hardware.max_shared_memory_size >= 2 * TILE * STEP * 4
-}
 
 /// One launch for `ops`.
 pub(super) fn launch(ops: &Operands, plan: KernelPlan) {

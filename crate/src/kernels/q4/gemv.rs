@@ -16,17 +16,17 @@ use crate::kernels::{buffer, cube, grid, WORKGROUP};
 
 /// How the decode kernel shares out its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GemvShape {
+pub(super) struct GemvShape {
     /// Threads per workgroup, along the columns: a power of two holding whole subgroups.
-    pub threads: usize,
+    threads: usize,
     /// Output rows per workgroup: each activation load serves them all.
-    pub rows: usize,
+    rows: usize,
 }
 
 impl GemvShape {
     /// `rows` output rows per workgroup (the model's: `DECODE_ROWS_PER_WORKGROUP`) on
     /// `client`'s device, in workgroups of 64 threads (more where a subgroup is wider).
-    pub fn new(client: &Client, rows: usize) -> GemvShape {
+    pub(super) fn new(client: &Client, rows: usize) -> GemvShape {
         let plane_max = client.properties().hardware.plane_size_max.max(1);
         GemvShape {
             threads: WORKGROUP.max(plane_max).next_power_of_two() as usize,

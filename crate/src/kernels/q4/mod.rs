@@ -5,7 +5,7 @@
 //! - [`gemv`]: a decoded token (or a prompt of up to [`GEMV_MAX_TOKENS`]) on a hardware
 //!   GPU, a workgroup per few output rows, its threads along the columns;
 //! - [`gemm`]: a longer prompt on a hardware GPU, tiles of tokens × rows in workgroup memory;
-//! - [`per_row`]: everything on a software adapter (a CPU emulating a GPU), each thread (or
+//! - `per_row`: everything on a software adapter (a CPU emulating a GPU), each thread (or
 //!   subgroup) a group of output rows, shaped for the emulation.
 
 use std::sync::Arc;
@@ -28,9 +28,9 @@ use super::{buffer, cube, empty_output, grid, is_cpu, WORKGROUP};
 use crate::quant::Q4Matrix;
 
 #[cfg(feature = "gpu")]
-pub mod gemm;
+mod gemm;
 #[cfg(feature = "gpu")]
-pub mod gemv;
+mod gemv;
 #[cfg(feature = "gpu")]
 mod per_row;
 
@@ -306,10 +306,10 @@ fn gpu_matmul(
     let operands = Operands::new(x, weight, bias, then);
     if decode {
         gemv::launch(&operands, fused_norm, plan, shape);
-    } else if !plan.software && gemm::fits(&client) {
-        gemm::launch(&operands, plan);
-    } else {
+    } else if plan.software {
         per_row::launch(&operands, plan);
+    } else {
+        gemm::launch(&operands, plan);
     }
     Tensor::from_primitive::<Cube>(operands.out)
 }

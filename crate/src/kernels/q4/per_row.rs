@@ -1,35 +1,34 @@
 //! The 4-bit matmul shaped for software adapters (a CPU emulating a GPU: llvmpipe, lavapipe,
 //! SwiftShader), where loads, not arithmetic, set the speed: each thread (or subgroup) a group
 //! of output rows for a tile of tokens, reading each activation once for all its rows and each
-//! weight word once for all its tokens. A GPU without the software shape runs it only where
-//! neither [`super::gemv`] nor [`super::gemm`] can.
+//! weight word once for all its tokens. Plans with the software shape run it
+//! ([`KernelPlan::software`]); the others run [`super::gemv`] and [`super::gemm`].
 
 use cubecl::prelude::CubeDim;
 
 use super::Operands;
 use crate::kernels::plan::{shared_load_lanes, KernelPlan, SOFTWARE_ROWS_PER_WORKER};
-use crate::kernels::{buffer, grid, subgroup_workgroup, SOFTWARE_WORKGROUP, WORKGROUP};
+use crate::kernels::{buffer, grid, subgroup_workgroup, SOFTWARE_WORKGROUP};
 
-/// Tokens a matmul thread (or subgroup) handles together in a prefill.
-const PREFILL_TILE: usize = 8;
+/// Tokens a matmul thread handles together in a prefill: 8 was faster still, but lavapipe
+/// took several times as long to compile that shader (BENCHMARKS.md).
+const PREFILL_TILE: usize = 4;
 
-/// Tokens a matmul thread handles together in a prefill on a software adapter: 8 was faster
-/// still, but lavapipe took several times as long to compile that shader (BENCHMARKS.md).
-const SOFTWARE_PREFILL_TILE: usize = 4;
-
-/// One launch of [`shader::q4_per_row_kernel`] for `ops`, shaped as `plan` says.
+/// One launch of [`shader::q4_per_row_kernel`] for `ops`, shaped as `plan` (a software plan)
+/// says.
 pub(super) fn launch(ops: &Operands, plan: KernelPlan) {
+    debug_assert!(
+        plan.software,
+        "the per-row kernel is shaped for software adapters"
+    );
     let client = &ops.x.client;
     let share = match plan.shared_loads {
         true => shared_load_lanes(client).expect("shared loads need one known subgroup size"),
         false => 0,
     };
-    // A prefill reuses each weight word across a group of tokens; decoding has one.
-    let (group, prefill_tile) = match plan.software {
-        true => (SOFTWARE_ROWS_PER_WORKER, SOFTWARE_PREFILL_TILE),
-        false => (1, PREFILL_TILE),
-    };
-    let tile = if ops.tokens > 1 { prefill_tile } else { 1 };
+    let group = SOFTWARE_ROWS_PER_WORKER;
+    // A prefill reuses each weight word across a tile of tokens; decoding has one.
+    let tile = if ops.tokens > 1 { PREFILL_TILE } else { 1 };
     // One worker per group of rows of a tile of tokens; with shared loads as many more
     // (computing nothing) as make whole subgroups: a subgroup's lanes share their tokens'
     // activations, so no subgroup may mix tiles.
@@ -44,11 +43,7 @@ pub(super) fn launch(ops: &Operands, plan: KernelPlan) {
         let planes = (threads / plane_max) as usize;
         (groups.div_ceil(planes), threads)
     } else {
-        let threads = if plan.software {
-            SOFTWARE_WORKGROUP
-        } else {
-            WORKGROUP
-        };
+        let threads = SOFTWARE_WORKGROUP;
         (groups.div_ceil(threads as usize), threads)
     };
     let count = grid(count);
@@ -75,8 +70,8 @@ pub(super) fn launch(ops: &Operands, plan: KernelPlan) {
                     tile,
                     ops.residual.is_some(),
                     plan.subgroups,
-                    // Shifts are cheap on GPUs; 16^±7 does not fit f16.
-                    plan.software && !plan.f16,
+                    // 16^±7 does not fit f16.
+                    !plan.f16,
                     share,
                 )
             }
