@@ -20,7 +20,9 @@ use serde::Serialize;
 
 use crate::config::PhiConfig;
 use crate::constraint::{LazyGrammars, ResponseFormat};
-use crate::error::{Error, Result};
+#[cfg(feature = "gpu")]
+use crate::error::Error;
+use crate::error::Result;
 use crate::generation::{read_floats, SamplingParams, Session, Timings};
 use crate::kernels::plan::DECODE_ROWS_PER_WORKGROUP;
 #[cfg(feature = "gpu")]
