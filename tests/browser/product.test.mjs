@@ -214,7 +214,7 @@ test('the bench page measures the tiny bundle on WebGPU with the portable kernel
     assert.ok(result.prefillPeakShare < 1, `prefill / multiply-add rate: ${result.prefillPeakShare}`);
     assert.equal(result.copyBytes, 4 * 2 ** 20);
     assert.match(result.device, /subgroups: (true|false)/);
-    assert.match(result.device, /kernels: a workgroup per 4 output rows reduced in workgroup memory,/);
+    assert.match(result.device, /kernels: a workgroup per 8 output rows reduced in workgroup memory,/);
     assert.match(result.device, /^\S/, 'the device description starts with the adapter\'s name');
 }));
 
@@ -230,11 +230,11 @@ test('the bench page measures the tiny bundle on WebGPU with the portable kernel
 const KERNELS_BY_ENGINE = {
   chromium: {
     auto: /software adapter: true; kernels: a thread per 16 output rows, activation loads shared across a subgroup/,
-    other: ['subgroups', /kernels: a workgroup per 4 output rows reduced through subgroups,/],
+    other: ['subgroups', /kernels: a workgroup per 8 output rows reduced through subgroups,/],
   },
   firefox: {
     auto: /subgroups: false,.*software adapter: true; kernels: a thread per 16 output rows, f16/,
-    other: ['portable', /kernels: a workgroup per 4 output rows reduced in workgroup memory,/],
+    other: ['portable', /kernels: a workgroup per 8 output rows reduced in workgroup memory,/],
   },
 };
 
