@@ -15,12 +15,13 @@ use crate::error::{Error, Result};
 /// SwiftShader). There every buffer load is a loop over the SIMD lanes (llvmpipe inserts each
 /// lane's value through the stack), so loads, not arithmetic, set the speed: a thread that
 /// reads each activation once for 16 rows is several times faster there (BENCHMARKS.md). A
-/// GPU needs the threads instead: one row each.
+/// GPU's kernels share out each row's columns among a workgroup's threads instead.
 pub(crate) const SOFTWARE_ROWS_PER_WORKER: usize = 16;
 
-/// Output rows per workgroup of the decode matmul on a hardware GPU, unless chosen otherwise
-/// (`phi2 bench --gemv-rows` compares 2, 4 and 8; BENCHMARKS.md).
-pub(crate) const DECODE_ROWS_PER_WORKGROUP: usize = 4;
+/// Output rows per workgroup of the decode matmul on a hardware GPU, unless chosen otherwise:
+/// each activation load serves them all (`phi2 bench --matmuls` compares 2, 4 and 8;
+/// BENCHMARKS.md).
+pub(crate) const DECODE_ROWS_PER_WORKGROUP: usize = 8;
 
 /// Tokens, and output rows, of a workgroup's tile in the prefill matmul on a hardware GPU.
 pub(crate) const PREFILL_TILE: usize = 64;
