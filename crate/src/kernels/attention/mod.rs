@@ -1,7 +1,8 @@
 //! Causal attention of new tokens over a layer's KV cache, with the rotary embedding applied on
 //! the way and the new keys and values written into the cache: on GPU backends one kernel
 //! launch ([`workgroup`]), or two on a software adapter ([`per_score`]: barriers cost there what
-//! a launch saves), for what burn's ops do in about forty; tensor ops on burn's CPU backend.
+//! a launch saves) and for heads wider than a workgroup, for what burn's ops do in about forty;
+//! tensor ops on burn's CPU backend.
 
 #[cfg(feature = "gpu")]
 use burn::backend::wgpu::CubeTensor;
@@ -66,7 +67,8 @@ pub fn attention(
             start,
             scale,
         };
-        match plan.software {
+        let ([_, _, head_dim], _) = operands.layout();
+        match plan.software || !workgroup::fits(head_dim) {
             true => per_score::launch(&operands),
             false => workgroup::launch(&operands),
         }

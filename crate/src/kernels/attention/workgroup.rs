@@ -12,14 +12,22 @@ use crate::kernels::{buffer, grid, WORKGROUP};
 /// and sum, rescaled as the maximum grows).
 const CHUNK: usize = 256;
 
-/// One launch for `ops`.
+/// Threads of a workgroup: one per dimension of a head, a power of two of at least
+/// `WORKGROUP`.
+fn threads(head_dim: usize) -> usize {
+    (WORKGROUP as usize).max(head_dim.next_power_of_two())
+}
+
+/// Whether heads of `head_dim` dims fit a workgroup of the 256 threads every WebGPU device
+/// offers.
+pub(super) fn fits(head_dim: usize) -> bool {
+    threads(head_dim) <= 256
+}
+
+/// One launch for `ops` (whose heads [`fit`](fits)).
 pub(super) fn launch(ops: &Operands) {
     let ([heads, capacity, head_dim], rot) = ops.layout();
-    let threads = (WORKGROUP as usize).max(head_dim.next_power_of_two());
-    assert!(
-        threads <= 256,
-        "attention: heads of {head_dim} dims are too wide"
-    );
+    let threads = threads(head_dim);
     let [cos, sin] = &ops.rotary;
     let client = &ops.inner.client;
     macro_rules! launch {
