@@ -455,6 +455,55 @@ fn synth_and_bench_smoke_run() {
             assert!((ceiling * share / ratio - 1.0).abs() < 1e-9, "{report}");
         }
     }
+    // A GPU's kernels: three launches per layer (the LayerNorm inside the first matmul,
+    // attention, the second matmul), then the embedding lookup, lm_head (the final LayerNorm
+    // inside) and the greedy pick; and `--matmuls` times each shape with each decode shape.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let layers = manifest["config"]["num_hidden_layers"].as_u64().unwrap();
+    let report = json_stdout(&[
+        "bench",
+        "--model",
+        out.to_str().unwrap(),
+        "--backend",
+        "wgpu",
+        "--kernels",
+        "portable",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "3",
+        "--copy-mb",
+        "4",
+        "--matmuls",
+        "--json",
+    ]);
+    assert_eq!(
+        report["launchesPerToken"].as_f64(),
+        Some((3 * layers + 3) as f64),
+        "{}",
+        report["launchesByKernel"]
+    );
+    let matmuls = report["matmuls"].as_array().expect("matmul figures");
+    let names: Vec<&str> = matmuls
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [["fc1_qkv"; 4], ["fc2_dense"; 4], ["lm_head"; 4]].concat()
+    );
+    for figure in matmuls {
+        assert!(
+            figure["copyShare"].as_f64().is_some_and(|v| v > 0.0),
+            "{figure}"
+        );
+        let decode_rows = figure["decodeRows"].as_u64();
+        match figure["tokens"].as_u64() {
+            Some(1) => assert!(matches!(decode_rows, Some(2 | 4 | 8)), "{figure}"),
+            tokens => assert_eq!((tokens, decode_rows), (Some(8), None), "{figure}"),
+        }
+    }
     // One generated token leaves no decode speed: the ratios to it are missing, not infinite.
     let report = json_stdout(&[
         "bench",
