@@ -27,7 +27,7 @@ use crate::generation::{read_floats, SamplingParams, Session, Timings};
 use crate::kernels::plan::DECODE_ROWS_PER_WORKGROUP;
 #[cfg(feature = "gpu")]
 use crate::kernels::{buffer, cube, empty_output, grid, WORKGROUP};
-use crate::kernels::{describe_device, is_cpu, Epilogue, KernelPlan, Q4Weight};
+use crate::kernels::{describe_device, is_cpu, Epilogue, Q4Weight};
 use crate::memory::device_memory_usage;
 use crate::model::Phi;
 use crate::quant::Q4Matrix;
@@ -398,7 +398,8 @@ pub async fn matmul_figures(
         ("fc2_dense", fc2_dense.rows, fc2_dense.cols),
         ("lm_head", config.vocab_size, config.hidden_size),
     ];
-    let decode_rows: Vec<Option<usize>> = match is_gpu_layout(device, plan) {
+    // Rows per workgroup are a choice of a GPU's decode kernel only.
+    let decode_rows: Vec<Option<usize>> = match !is_cpu(device) && !plan.software {
         true => vec![Some(2), Some(4), Some(8)],
         false => vec![None],
     };
@@ -424,8 +425,10 @@ pub async fn matmul_figures(
                         rows_per_workgroup.unwrap_or(DECODE_ROWS_PER_WORKGROUP),
                     ));
                 }
-                // Its values, which waits for every run (the data alone may not).
-                read_floats(y.expect("at least one run"))
+                // Its last value, read (the data alone may not wait for the work), waits for
+                // every run without timing a read-back of the whole output.
+                let y = y.expect("at least one run");
+                read_floats(y.narrow(0, tokens - 1, 1).narrow(1, rows - 1, 1))
             };
             run(1).await?;
             let mut repeats = 1;
@@ -453,12 +456,6 @@ pub async fn matmul_figures(
         }
     }
     Ok(figures)
-}
-
-/// Whether `plan` runs a hardware GPU's kernels on `device` (where the decode kernel's rows
-/// per workgroup are a choice).
-fn is_gpu_layout(device: &Device, plan: KernelPlan) -> bool {
-    !is_cpu(device) && !plan.software
 }
 
 /// A 4-bit matrix of random codes and small scales.

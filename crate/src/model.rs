@@ -20,6 +20,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::config::PhiConfig;
 use crate::error::{Error, Result};
 use crate::kernels::attention::LayerCache;
+use crate::kernels::layer_norm::normed;
 use crate::kernels::{Epilogue, KernelOptions, KernelPlan, LayerNorm};
 use crate::memory::PREFILL_CHUNK;
 use crate::weights::assembler::{mlp_width, FusedLinear, Matrix, Weights};
@@ -43,10 +44,7 @@ impl Linear {
     ) -> Tensor<2> {
         match &self.weight {
             Matrix::F32(weight) => {
-                let x = match norm {
-                    Some(norm) => norm.forward(x, plan),
-                    None => x,
-                };
+                let x = normed(x, norm, plan);
                 then.apply(x.matmul(weight.clone()) + self.bias.clone().unsqueeze::<2>())
             }
             Matrix::Q4(weight) => weight.matmul(x, norm, &self.bias, then, plan),

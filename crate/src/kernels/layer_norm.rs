@@ -29,6 +29,14 @@ impl LayerNorm {
     }
 }
 
+/// `x` after `norm` where there is one.
+pub fn normed(x: Tensor<2>, norm: Option<&LayerNorm>, plan: KernelPlan) -> Tensor<2> {
+    match norm {
+        Some(norm) => norm.forward(x, plan),
+        None => x,
+    }
+}
+
 /// LayerNorm of each row of `x: [rows, cols]`, as transformers computes it (the biased
 /// variance), with the kernels of `plan` on a GPU.
 #[cfg_attr(not(feature = "gpu"), allow(unused_variables))] // plan: the kernels'

@@ -20,7 +20,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 #[cfg(feature = "gpu")]
 use cubecl::prelude::{CubeDim, TensorArg};
 
-use super::layer_norm::LayerNorm;
+use super::layer_norm::{normed, LayerNorm};
 use super::plan::{KernelPlan, DECODE_ROWS_PER_WORKGROUP};
 use super::Epilogue;
 #[cfg(feature = "gpu")]
@@ -161,13 +161,7 @@ impl Q4Weight {
                 };
                 gpu_matmul(x, norm, &weight, bias, then, plan, decode_rows)
             }
-            Q4Weight::Host(matrix) => {
-                let x = match norm {
-                    Some(norm) => norm.forward(x, plan),
-                    None => x,
-                };
-                then.apply(cpu_matmul(x, matrix, bias))
-            }
+            Q4Weight::Host(matrix) => then.apply(cpu_matmul(normed(x, norm, plan), matrix, bias)),
         }
     }
 }
@@ -299,10 +293,7 @@ fn gpu_matmul(
     let decode = !plan.software && tokens <= GEMV_MAX_TOKENS;
     let shape = gemv::GemvShape::new(&client, decode_rows);
     let fused_norm = norm.filter(|_| decode && gemv::fits_layer_norm(&client, shape, tokens, cols));
-    let x = match (norm, fused_norm) {
-        (Some(norm), None) => norm.forward(x, plan),
-        _ => x,
-    };
+    let x = normed(x, norm.filter(|_| fused_norm.is_none()), plan);
     let operands = Operands::new(x, weight, bias, then);
     if decode {
         gemv::launch(&operands, fused_norm, plan, shape);
